@@ -1,0 +1,79 @@
+"""Every runtime fix that lets RecBole 1.2.1 run on today's Python stack, in one place.
+
+The version pins that go with these fixes are in ``setup.cfg`` (numpy<2, pandas<3, scipy<1.13,
+torch==2.13.0). Nothing here edits RecBole's files; each fix wraps or subclasses.
+
+- ``recbole.quick_start`` imports ray, and ray 2.6.3 imports ``pkg_resources`` (gone from recent
+  setuptools). The plugin never imports ``recbole.quick_start``: its own quick start wraps
+  RecBole's Config, dataset and trainer directly, so the default path does not import ray.
+- torch >= 2.6 loads checkpoints with ``weights_only=True``. RecBole saves the whole Config object
+  with ``pickle_protocol=4``, which the weights-only loader refuses. ``SafeCheckpointMixin`` saves
+  only tensors and plain values, so RecBole's own ``torch.load`` calls (best-model reload after
+  training, ``resume_checkpoint``) work unchanged and nothing is ever loaded with
+  ``weights_only=False``.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+
+
+def check_stack():
+    """Fail early, naming the fix, when the installed stack is one RecBole 1.2.1 cannot run on."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise ImportError(
+            f"numpy {np.__version__} is installed, but RecBole 1.2.1 needs numpy<2 "
+            "(its Config uses np.float_). Reinstall as the README says: pip install -e ."
+        )
+    # pandas 2.x warns about chained fillna(inplace=True) inside RecBole's dataset code; the
+    # pin pandas<3 keeps that code working, so the warning is noise for RecBole users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="recbole")
+    warnings.filterwarnings("ignore", message=".*ChainedAssignment.*")
+
+
+def plain_value(value):
+    """Keep what torch's weights-only unpickler accepts: tensors, numbers, strings, containers."""
+    if isinstance(value, (torch.Tensor, int, float, str, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(plain_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and plain_value(v) for k, v in value.items())
+    return False
+
+
+class SafeCheckpointMixin:
+    """Trainer mixin: checkpoints that reload with ``torch.load(weights_only=True)``.
+
+    RecBole's checkpoint carries the Config object (only its model name is read back, by
+    ``resume_checkpoint``) and ``other_parameter``, which for DIN/DIEN holds a module that the
+    state dict already contains. Both are reduced to plain values here.
+    """
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        other = {k: v for k, v in self.model.other_parameter().items() if plain_value(v)}
+        state = {
+            "config": {"model": self.config["model"], "dataset": self.config["dataset"]},
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": other,
+            "optimizer": self.optimizer.state_dict(),
+        }
+        torch.save(state, saved_model_file)
+        if verbose:
+            self.logger.info(f"Saving current: {saved_model_file}")
+
+
+def safe_trainer_class(trainer_class):
+    """The trainer RecBole would pick, with weights-only-safe checkpoints."""
+    from recbole.trainer import Trainer
+
+    if not issubclass(trainer_class, Trainer):
+        return trainer_class  # decision-tree trainers keep their own checkpoint format
+    return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class), {})

@@ -1,0 +1,72 @@
+"""Quick start: RecBole's Config, dataset, trainer and evaluator, with knowledge added.
+
+``run_recbole_llmk`` mirrors ``recbole.quick_start.run_recbole`` step by step; the only additions
+are resolving plugin models, building the technique's knowledge from the training split before
+the model is created, and weights-only-safe checkpoints. It does not import ray.
+"""
+
+import logging
+import sys
+import time
+
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_llmk.config import LLMKConfig
+from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
+
+
+def prepare(model=None, dataset=None, config_file_list=None, config_dict=None):
+    """Config, dataset and split exactly as RecBole builds them for the (base) model."""
+    config = LLMKConfig(model, dataset, config_file_list, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = logging.getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    return config, dataset, train_data, valid_data, test_data
+
+
+def build_knowledge(config, train_data):
+    """Build (or reuse) the knowledge store the configured model needs; None for stock models."""
+    prepare_knowledge = getattr(config.model_class, "prepare_knowledge", None)
+    return prepare_knowledge(config, train_data) if prepare_knowledge else None
+
+
+def create_model(config, train_data):
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    logging.getLogger().info(model)
+    return model
+
+
+def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, run="train"):
+    """Train and evaluate ``model`` (``run='train'``), or only build its knowledge (``run='knowledge'``)."""
+    config, dataset, train_data, valid_data, test_data = prepare(model, dataset, config_file_list, config_dict)
+    logger = logging.getLogger()
+    start = time.time()
+    store = build_knowledge(config, train_data)
+    knowledge_seconds = time.time() - start
+    if run == "knowledge":
+        return {"knowledge_store": store.path if store else None, "knowledge_seconds": knowledge_seconds}
+    if run != "train":
+        raise ValueError(f"run must be 'train' or 'knowledge', got '{run}'")
+    model = create_model(config, train_data)
+    trainer = get_trainer(config)(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "knowledge_store": store.path if store else None,
+        "knowledge_seconds": knowledge_seconds,
+        "model": model,
+        "trainer": trainer,
+    }

@@ -1,0 +1,84 @@
+"""Model resolution and RecBole's name-keyed lookups, seen through the base model's name.
+
+A variant such as ``DIN_REKI`` is built on the fly from RecBole's ``DIN`` and the REKI technique.
+RecBole finds a model's dataset class (``<Model>Dataset``), dataloader (a fixed list of names)
+and trainer (``<Model>Trainer``) by the model's name, so every such lookup here runs under the
+base model's name: a variant gets exactly the dataset, split, loaders and trainer RecBole gives
+the stock model.
+"""
+
+import importlib
+from contextlib import contextmanager
+from functools import lru_cache
+
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation as recbole_data_preparation
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import get_trainer as recbole_get_trainer
+
+from recbole_llmk.compat import safe_trainer_class
+
+# technique suffix -> "module:factory"; a factory turns a RecBole model class into the variant.
+TECHNIQUES = {
+    "REKI": "recbole_llmk.model.reki:reki_variant",
+}
+# models of this plugin that are not variants of a RecBole model.
+NATIVE_MODELS = {}
+
+
+def _load(target):
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_recbole_model(name):
+    """RecBole's model class, with a clear error instead of RecBole's lightgbm ImportError."""
+    try:
+        return recbole_get_model(name)
+    except (ValueError, ImportError, AttributeError):
+        raise ValueError(
+            f"[{name}] is not a RecBole model. Use a RecBole model name (e.g. DeepFM, DIN, SASRec), "
+            f"one of this plugin's models {sorted(NATIVE_MODELS)}, or <Model>_<Technique> with a "
+            f"technique in {sorted(TECHNIQUES)}."
+        ) from None
+
+
+@lru_cache(maxsize=None)
+def get_model(name):
+    """Resolve ``name``: a plugin model, ``<Base>_<Technique>``, or a stock RecBole model."""
+    if name in NATIVE_MODELS:
+        return _load(NATIVE_MODELS[name])
+    base, sep, technique = name.rpartition("_")
+    if sep and technique in TECHNIQUES:
+        return _load(TECHNIQUES[technique])(get_recbole_model(base))
+    return get_recbole_model(name)
+
+
+def base_model_name(config):
+    return config["base_model"] or config["model"]
+
+
+@contextmanager
+def as_base_model(config):
+    """Let RecBole's name-keyed lookups see the base model's name for the duration."""
+    name = config["model"]
+    config["model"] = base_model_name(config)
+    try:
+        yield config
+    finally:
+        config["model"] = name
+
+
+def create_dataset(config):
+    with as_base_model(config):
+        return recbole_create_dataset(config)
+
+
+def data_preparation(config, dataset):
+    with as_base_model(config):
+        return recbole_data_preparation(config, dataset)
+
+
+def get_trainer(config):
+    """RecBole's trainer for the base model, saving weights-only-loadable checkpoints."""
+    return safe_trainer_class(recbole_get_trainer(config["MODEL_TYPE"], base_model_name(config)))

@@ -1,0 +1,24 @@
+"""Train and evaluate a RecBole model, or its LLM-knowledge variant, RecBole-style.
+
+    python run_recbole_llmk.py --model=DIN_REKI --dataset=ml-100k
+    python run_recbole_llmk.py --model=DIN --dataset=ml-100k            # the stock baseline
+    python run_recbole_llmk.py --model=DeepFM_REKI --dataset=ml-100k --config_files="a.yaml b.yaml" --epochs=5
+    python run_recbole_llmk.py --model=DeepFM_REKI --dataset=ml-100k --run=knowledge   # build the store only
+
+Any other ``--key=value`` overrides a config key, as in RecBole.
+"""
+
+import argparse
+
+from recbole_llmk.quick_start import run_recbole_llmk
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", "-m", type=str, default="DIN_REKI", help="model name")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
+    parser.add_argument("--run", type=str, default="train", choices=["train", "knowledge"])
+    # RecBole's Config reads the remaining --key=value pairs from sys.argv itself.
+    args, _ = parser.parse_known_args()
+    files = args.config_files.strip().split(" ") if args.config_files else None
+    run_recbole_llmk(model=args.model, dataset=args.dataset, config_file_list=files, run=args.run)
