@@ -1,0 +1,1 @@
+"""Knowledge pipeline: descriptions, prompts, generation, encoding and the store."""

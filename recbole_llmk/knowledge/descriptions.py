@@ -1,0 +1,134 @@
+"""Stage 1 of the knowledge pipeline: how users and items are described in text.
+
+Texts are read from the dataset's RecBole atomic files (``<dataset>.item``, ``<dataset>.user``)
+by raw token, independent of the model's ``load_col``: DIN on ml-100k does not load movie titles,
+yet its knowledge must name the movies. A dataset hook (``dataset_hooks/<dataset>.yaml``, or any
+yaml given as ``dataset_hook``) says how fields read as text; without one, every token and
+token_seq field is listed as ``field: value``.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+import yaml
+
+HOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset_hooks")
+TEXT_TYPES = ("token", "token_seq")
+
+
+@dataclass
+class DatasetHook:
+    """Text conventions of one dataset (see ``dataset_hooks/ml-100k.yaml`` for every key)."""
+
+    user_noun: str = "user"
+    item_noun: str = "item"
+    user_template: str = ""
+    item_template: str = ""
+    history_item_template: str = "{item} (rating: {rating})"
+    list_fields: dict = field(default_factory=dict)
+    value_maps: dict = field(default_factory=dict)
+    scenario_factors: list = field(default_factory=list)
+
+    @classmethod
+    def load(cls, config):
+        """The hook named by ``dataset_hook`` (a name or a yaml path), else the dataset's own."""
+        name = config["dataset_hook"] or config["dataset"]
+        path = name if name.endswith(".yaml") else os.path.join(HOOKS, f"{name}.yaml")
+        if not os.path.isfile(path):
+            if config["dataset_hook"]:
+                raise FileNotFoundError(
+                    f"dataset_hook '{config['dataset_hook']}' not found (looked for {path}). "
+                    f"Give a yaml path or one of {sorted(os.listdir(HOOKS))}."
+                )
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid keys are "
+                             f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+def read_atomic(path, field_separator="\t"):
+    """An atomic file as strings, columns renamed from ``name:type`` to ``name``; and the types."""
+    frame = pd.read_csv(path, sep=field_separator, dtype=str, keep_default_na=False,
+                        quoting=3, engine="python" if len(field_separator) > 1 else "c")
+    types = {}
+    for column in frame.columns:
+        name, _, ftype = column.partition(":")
+        types[name] = ftype
+    frame.columns = list(types)
+    return frame, types
+
+
+class Describer:
+    """Text for every user and item of a dataset, keyed by raw token."""
+
+    def __init__(self, config, hook=None):
+        self.hook = hook or DatasetHook.load(config)
+        self.seq_separator = config["seq_separator"] or " "
+        self.field_separator = config["field_separator"] or "\t"
+        self.data_path = config["data_path"]
+        self.dataset = config["dataset"]
+        self.id_fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"]}
+        self.rating_field = config["RATING_FIELD"]
+
+    def _atomic_path(self, kind):
+        return os.path.join(self.data_path, f"{self.dataset}.{kind}")
+
+    def _value(self, name, raw):
+        if name in self.hook.value_maps:
+            raw = str(self.hook.value_maps[name].get(raw, raw))
+        if name in self.hook.list_fields:
+            raw = self.hook.list_fields[name].join(t for t in raw.split(self.seq_separator) if t)
+        return raw
+
+    def _render(self, template, row, names):
+        if template:
+            return template.format(**{n: self._value(n, row[n]) for n in names}).strip()
+        return "; ".join(f"{n}: {self._value(n, row[n])}" for n in names if row[n] != "")
+
+    def describe(self, kind):
+        """``{token: text}`` for ``kind`` in (user, item); empty when the dataset has no such file."""
+        path = self._atomic_path(kind)
+        if not os.path.isfile(path):
+            return {}
+        frame, types = read_atomic(path, self.field_separator)
+        id_field = self.id_fields[kind]
+        if id_field not in frame:
+            raise ValueError(f"{path}: no '{id_field}' column (the {kind} id field in the config)")
+        names = [n for n, t in types.items() if t in TEXT_TYPES and n != id_field]
+        template = getattr(self.hook, f"{kind}_template")
+        missing = [n for n in _placeholders(template) if n not in frame]
+        if missing:
+            raise ValueError(f"{kind}_template of the dataset hook uses fields {missing} "
+                             f"that {path} does not have (it has {list(frame.columns)})")
+        names = _placeholders(template) or names
+        return {row[id_field]: self._render(template, row, names) for _, row in frame.iterrows()}
+
+
+    def with_ratings(self, frame):
+        """``frame`` with each interaction's rating from the raw ``.inter`` file.
+
+        RecBole drops the rating column when ``threshold`` turns it into a label (the ml-100k CTR
+        default), yet prompts show ratings. Only pairs already in ``frame`` (the training split)
+        are looked up, so the raw file can add a value, never an interaction."""
+        path = self._atomic_path("inter")
+        if "rating" in frame or not self.rating_field or not os.path.isfile(path):
+            return frame
+        raw, _ = read_atomic(path, self.field_separator)
+        if self.rating_field not in raw:
+            return frame
+        users, items = self.id_fields["user"], self.id_fields["item"]
+        raw = raw[[users, items, self.rating_field]].drop_duplicates([users, items], keep="last")
+        raw.columns = ["user", "item", "rating"]
+        raw["rating"] = pd.to_numeric(raw["rating"], errors="coerce")
+        return frame.merge(raw, on=["user", "item"], how="left")
+
+
+def _placeholders(template):
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template or "") if name]

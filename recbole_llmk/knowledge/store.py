@@ -1,0 +1,113 @@
+"""Stage 5: the knowledge store, the hand-over point between offline knowledge and models.
+
+A store is a folder: per entity kind (``user``, ``item``, or any other name a technique uses)
+``<kind>.npy`` (float32 vectors), ``<kind>.tokens.json`` (raw tokens, row order) and
+``<kind>.texts.jsonl`` (the knowledge text, for people to read), plus ``meta.json`` (encoder,
+dim, generation backend/model, prompt-template hashes, dataset, split fingerprint, costs).
+Rows are aligned to RecBole's internal ids when loaded, through ``field2token_id``, so the
+files' order never matters. Vectors are stored once and read, never recomputed, at training
+and inference time.
+"""
+
+import json
+import logging
+import os
+
+import numpy as np
+
+
+class KnowledgeStoreError(ValueError):
+    """A store that is missing, incomplete or built for other settings than the run's."""
+
+
+class KnowledgeStore:
+    META = "meta.json"
+
+    def __init__(self, path, meta):
+        self.path = path
+        self.meta = meta
+
+    @classmethod
+    def write(cls, path, meta, entries):
+        """``entries``: kind -> (tokens, vectors, texts). Written to a temp name, then renamed,
+        so an interrupted build never leaves a store that looks complete."""
+        tmp = path.rstrip("/") + ".partial"
+        os.makedirs(tmp, exist_ok=True)
+        for kind, (tokens, vectors, texts) in entries.items():
+            if len(tokens) != len(vectors) or len(tokens) != len(texts):
+                raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")
+            np.save(os.path.join(tmp, f"{kind}.npy"), np.asarray(vectors, dtype=np.float32))
+            with open(os.path.join(tmp, f"{kind}.tokens.json"), "w", encoding="utf-8") as f:
+                json.dump([str(t) for t in tokens], f)
+            with open(os.path.join(tmp, f"{kind}.texts.jsonl"), "w", encoding="utf-8") as f:
+                for token, text in zip(tokens, texts):
+                    f.write(json.dumps({"token": str(token), "text": text}, ensure_ascii=False) + "\n")
+        meta = dict(meta, kinds=sorted(entries), dims={k: int(np.asarray(v[1]).shape[1]) for k, v in entries.items()})
+        with open(os.path.join(tmp, cls.META), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if os.path.isdir(path):
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return cls(path, meta)
+
+    @classmethod
+    def open(cls, path):
+        meta_file = os.path.join(path or "", cls.META)
+        if not path or not os.path.isfile(meta_file):
+            raise KnowledgeStoreError(f"no knowledge store at '{path}' ({cls.META} missing). Build it with "
+                                      "run_recbole_llmk.py --run=knowledge, or run the model to build it.")
+        with open(meta_file, encoding="utf-8") as f:
+            return cls(path, json.load(f))
+
+    @staticmethod
+    def exists(path):
+        return bool(path) and os.path.isfile(os.path.join(path, KnowledgeStore.META))
+
+    def check(self, expected):
+        """Raise, naming the setting, when the store was built for something else."""
+        for key, value in expected.items():
+            if value is not None and self.meta.get(key) != value:
+                raise KnowledgeStoreError(
+                    f"knowledge store {self.path} was built with {key}={self.meta.get(key)!r}, but this run "
+                    f"has {key}={value!r}. Point knowledge_store_path elsewhere, or delete the folder "
+                    "(or set knowledge_rebuild=True) to rebuild it for this run."
+                )
+
+    def vectors(self, kind):
+        if kind not in self.meta.get("kinds", []):
+            raise KnowledgeStoreError(f"knowledge store {self.path} has no '{kind}' knowledge "
+                                      f"(it has {self.meta.get('kinds')})")
+        with open(os.path.join(self.path, f"{kind}.tokens.json"), encoding="utf-8") as f:
+            tokens = json.load(f)
+        return tokens, np.load(os.path.join(self.path, f"{kind}.npy"))
+
+    def texts(self, kind):
+        with open(os.path.join(self.path, f"{kind}.texts.jsonl"), encoding="utf-8") as f:
+            return {r["token"]: r["text"] for r in map(json.loads, f)}
+
+    def aligned(self, kind, dataset, field, default="mean"):
+        """``[dataset.num(field), dim]`` float32 matrix indexed by RecBole's internal id.
+
+        Ids without knowledge (cold users/items, never the padding id 0) get a default vector:
+        the mean of the known vectors, or zeros. Their number is logged."""
+        tokens, vectors = self.vectors(kind)
+        token2id = dataset.field2token_id[field]
+        rows = np.array([token2id.get(t, -1) for t in tokens])
+        known = rows >= 0
+        table = np.zeros((dataset.num(field), vectors.shape[1]), dtype=np.float32)
+        if default == "mean" and known.any():
+            table[:] = vectors[known].mean(0)
+        elif default not in ("mean", "zero"):
+            raise ValueError(f"knowledge_default must be 'mean' or 'zero', got '{default}'")
+        table[0] = 0.0
+        table[rows[known]] = vectors[known]
+        covered = np.zeros(len(table), dtype=bool)
+        covered[rows[known]] = True
+        cold = int((~covered[1:]).sum())
+        logging.getLogger().info(
+            f"{kind} knowledge from {self.path}: {int(known.sum())} of {len(table) - 1} {field} ids "
+            f"covered, {cold} get the {default} default vector"
+            + (f", {int((~known).sum())} stored tokens not in this dataset" if (~known).any() else ""))
+        return table
