@@ -1,0 +1,125 @@
+"""Layers shared by the knowledge-augmented models."""
+
+import torch
+import torch.nn as nn
+from recbole.model.layers import MLPLayers
+
+
+class HEIN(nn.Module):
+    """Hybridized expert integration network (KAR/REKI's knowledge adaptor).
+
+    Shared experts see both user and item knowledge; dedicated experts see one side. Each side
+    mixes its experts with a softmax gate over its knowledge vector and projects the mixture to
+    ``output_dim``, giving the two augmented vectors.
+    """
+
+    def __init__(self, input_dim, output_dim, n_shared=2, n_user=2, n_item=2, hidden_sizes=(128, 32), dropout=0.0):
+        super().__init__()
+        sizes = [input_dim, *hidden_sizes]
+
+        def experts(n):
+            return nn.ModuleList(MLPLayers(sizes, dropout, activation="relu") for _ in range(n))
+
+        self.shared = experts(n_shared)
+        self.user_experts = experts(n_user)
+        self.item_experts = experts(n_item)
+        self.user_gate = nn.Linear(input_dim, n_shared + n_user)
+        self.item_gate = nn.Linear(input_dim, n_shared + n_item)
+        self.user_out = nn.Linear(sizes[-1], output_dim)
+        self.item_out = nn.Linear(sizes[-1], output_dim)
+
+    def _side(self, x, experts, gate, out):
+        outputs = torch.stack([e(x) for e in (*self.shared, *experts)], dim=1)  # [B, E, h]
+        weights = torch.softmax(gate(x), dim=-1).unsqueeze(-1)  # [B, E, 1]
+        return out((weights * outputs).sum(1))
+
+    def user(self, knowledge):
+        return self._side(knowledge, self.user_experts, self.user_gate, self.user_out)
+
+    def item(self, knowledge):
+        return self._side(knowledge, self.item_experts, self.item_gate, self.item_out)
+
+    def forward(self, user_knowledge, item_knowledge):
+        return self.user(user_knowledge), self.item(item_knowledge)
+
+
+def per_unique_id(side, table, ids):
+    """``side(table[ids])``, computed once per distinct id: a batch repeats users and items many
+    times and their knowledge depends on the id alone, so this is exact and much cheaper."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    return side(table[unique])[inverse]
+
+
+class KnowledgeFields(nn.Module):
+    """Two extra feature fields per interaction: the augmented user and item vectors.
+
+    Knowledge vectors come from the store, aligned to internal ids; they are buffers (not saved
+    in checkpoints: the store is their source). ``prestore()`` runs HEIN once over every id so
+    inference costs one lookup, as REKI deploys it; ``prestore(drop_adapter=True)`` then serves
+    without HEIN at all.
+    """
+
+    def __init__(self, user_table, item_table, output_dim, config):
+        super().__init__()
+        if user_table.shape[1] != item_table.shape[1]:
+            raise ValueError(f"user knowledge dim {user_table.shape[1]} != item knowledge dim "
+                             f"{item_table.shape[1]}: HEIN's shared experts need one encoder for both")
+        self.register_buffer("user_knowledge", torch.as_tensor(user_table), persistent=False)
+        self.register_buffer("item_knowledge", torch.as_tensor(item_table), persistent=False)
+        self.hein = HEIN(user_table.shape[1], output_dim, config["hein_n_shared"], config["hein_n_user"],
+                         config["hein_n_item"], config["hein_hidden_sizes"], config["hein_dropout"])
+        self.prestored = False
+
+    def forward(self, user, item):
+        if self.prestored:
+            return torch.stack([self.user_augmented[user], self.item_augmented[item]], dim=1)
+        user_vec = per_unique_id(self.hein.user, self.user_knowledge, user)
+        item_vec = per_unique_id(self.hein.item, self.item_knowledge, item)
+        return torch.stack([user_vec, item_vec], dim=1)  # [B, 2, output_dim]
+
+    @torch.no_grad()
+    def prestore(self, drop_adapter=False, chunk=65536):
+        was_training = self.training
+        self.eval()
+        for side, table, name in ((self.hein.user, self.user_knowledge, "user_augmented"),
+                                  (self.hein.item, self.item_knowledge, "item_augmented")):
+            self.register_buffer(name, torch.cat([side(table[s:s + chunk]) for s in range(0, len(table), chunk)]))
+        self.prestored = True
+        if drop_adapter:
+            del self.hein, self.user_knowledge, self.item_knowledge
+        self.train(was_training)
+
+
+class ConcatInput(nn.Module):
+    """Appends the current batch's knowledge fields to the input of a widened module.
+
+    Used where a backbone builds its final MLP input inside ``forward`` (DIN, DIEN): the model
+    sets ``fields`` for the batch before calling the backbone's forward.
+    """
+
+    def __init__(self, inner, extra_dim):
+        super().__init__()
+        widen_first_linear(inner, extra_dim)
+        self.inner = inner
+        self.fields = None
+
+    def forward(self, x):
+        if self.fields is None:
+            raise RuntimeError("knowledge fields were not set for this batch")
+        return self.inner(torch.cat([x, self.fields.flatten(1)], dim=-1))
+
+
+def widen_first_linear(module, extra_dim):
+    """Give ``module``'s first Linear ``extra_dim`` more inputs, keeping its existing weights."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.Linear):
+            wider = nn.Linear(layer.in_features + extra_dim, layer.out_features, bias=layer.bias is not None)
+            nn.init.xavier_normal_(wider.weight)
+            with torch.no_grad():
+                wider.weight[:, :layer.in_features] = layer.weight
+                if layer.bias is not None:
+                    wider.bias.copy_(layer.bias)
+            parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            setattr(parent, name.rpartition(".")[2], wider)
+            return
+    raise ValueError(f"{type(module).__name__} has no Linear layer to widen")

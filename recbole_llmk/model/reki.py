@@ -1,0 +1,126 @@
+r"""REKI: knowledge-augmented variants of RecBole's CTR models (``<Base>_REKI``).
+
+Reference:
+    Yunjia Xi et al. "Towards Open-World Recommendation with Knowledge Augmentation from Large
+    Language Models." RecSys 2024 (KAR); journal version "REKI".
+
+The knowledge vectors of the user and the target item (``techniques.reki``) pass through HEIN
+into two augmented vectors of the backbone's embedding size, which join the backbone as two extra
+feature fields and are trained jointly with it. One rule per backbone family says where they enter:
+
+- context-aware models (``recbole.model.context_aware_recommender``): two more fields in
+  ``embed_input_fields``, before the model sizes its layers by ``num_feature_field``;
+- deep-interest models (DIN, DIEN), whose forward builds its DNN input internally: appended to the
+  input of their final DNN (``dnn_mlp_layers``), as KAR does for DIN.
+"""
+
+from functools import lru_cache
+
+from recbole.model.abstract_recommender import ContextRecommender, SequentialRecommender
+
+from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
+from recbole_llmk.knowledge.store import KnowledgeStore
+from recbole_llmk.model.layers import ConcatInput, KnowledgeFields
+
+# Models that cannot take the knowledge fields through a generic hook, and why.
+UNSUPPORTED = {
+    "LR": "first-order only: it has no field embeddings for the augmented vectors to join",
+    "FFM": "field-aware embedding tables of its own; extra fields would need a per-model rewrite",
+    "FwFM": "its field-pair weight map is built from dataset field names and has no slot for added fields",
+}
+# Deep-interest models: forward(user, ..., next_items) ending in self.dnn_mlp_layers.
+DEEP_INTEREST = ("DIN", "DIEN")
+
+
+def knowledge_fields(model, config, dataset):
+    """HEIN over this run's stored knowledge, aligned to ``dataset``'s internal ids."""
+    store = KnowledgeStore.open(config["knowledge_store"])
+    store.check({"technique": "REKI", "dataset": config["dataset"],
+                 "split": split_fingerprint(training_interactions(dataset))})
+    default = config["knowledge_default"] or "mean"
+    user_table = store.aligned("user", dataset, model.USER_ID, default)
+    item_table = store.aligned("item", dataset, model.ITEM_ID, default)
+    return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
+
+
+class REKIMixin:
+    """What every REKI variant shares: building its knowledge before the model, and prestoring."""
+
+    technique = "REKI"
+
+    @classmethod
+    def prepare_knowledge(cls, config, train_data):
+        from recbole_llmk.techniques.reki import build_reki_knowledge
+
+        store = build_reki_knowledge(config, training_dataset(train_data))
+        config["knowledge_store"] = store.path
+        return store
+
+    def prestore_knowledge(self, drop_adapter=False):
+        """Precompute the augmented vectors of every user and item (REKI's deployment)."""
+        self.knowledge.prestore(drop_adapter)
+
+
+class REKIContext(REKIMixin, ContextRecommender):
+    """Placed between a context-aware model and ContextRecommender in the MRO, so it runs inside
+    the model's own ``super().__init__`` and the model sizes its layers for the two new fields."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.USER_ID, self.ITEM_ID = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+        self.knowledge = knowledge_fields(self, config, dataset)
+        self.num_feature_field += 2
+        if self.double_tower:  # one field joins each tower
+            self.user_token_field_num += 1
+            self.item_token_field_num += 1
+
+    def embed_input_fields(self, interaction):
+        sparse, dense = super().embed_input_fields(interaction)
+        fields = self.knowledge(interaction[self.USER_ID], interaction[self.ITEM_ID])
+        if self.double_tower:
+            # token embeddings are ordered [user seq, item seq, user tokens, item tokens]
+            cut = self.user_token_seq_field_num + self.item_token_seq_field_num + self.user_token_field_num - 1
+            sparse = torch_cat([sparse[:, :cut], fields[:, :1], sparse[:, cut:], fields[:, 1:]])
+        else:
+            sparse = torch_cat([sparse, fields])
+        return sparse, dense
+
+
+class REKIDeepInterest(REKIMixin, SequentialRecommender):
+    """Placed before DIN/DIEN in the MRO: widens their final DNN once they are built and feeds it
+    the batch's augmented vectors."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.knowledge = knowledge_fields(self, config, dataset)
+        self.dnn_mlp_layers = ConcatInput(self.dnn_mlp_layers, 2 * config["embedding_size"])
+
+    def forward(self, user, *args):
+        self.dnn_mlp_layers.fields = self.knowledge(user, args[-1])  # args[-1]: the target items
+        try:
+            return super().forward(user, *args)
+        finally:
+            self.dnn_mlp_layers.fields = None
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat([p for p in parts if p is not None and p.shape[1] > 0], dim=1)
+
+
+@lru_cache(maxsize=None)
+def reki_variant(base):
+    """``<Base>_REKI`` for a RecBole model class."""
+    name = base.__name__
+    if name in UNSUPPORTED:
+        raise ValueError(f"{name}_REKI is not supported: {name} is {UNSUPPORTED[name]}.")
+    if issubclass(base, ContextRecommender):
+        bases = (base, REKIContext)
+    elif name in DEEP_INTEREST:
+        bases = (REKIDeepInterest, base)
+    else:
+        raise ValueError(f"{name}_REKI is not supported: REKI augments CTR models (RecBole's "
+                         f"context-aware models, DIN and DIEN); {name} is a {base.type.name.lower()} model.")
+    doc = f"{name} with REKI knowledge (two augmented-vector fields from HEIN).\n\n{__doc__}"
+    return type(f"{name}_REKI", bases, {"__doc__": doc, "base_model_name": name, "__module__": __name__})
