@@ -1,0 +1,84 @@
+"""Variants see RecBole exactly as their stock base model does; the CLI works RecBole-style."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from recbole.config import Config
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation as recbole_data_preparation
+from recbole.trainer import Trainer
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import init_seed
+
+from recbole_llmk.config import LLMKConfig, PROPERTIES
+from recbole_llmk.quick_start import prepare, run_recbole_llmk
+from recbole_llmk.utils import create_dataset, get_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def plugin_keys():
+    keys = {"base_model", "technique", "model"}
+    for folder, _, files in os.walk(PROPERTIES):
+        for name in files:
+            with open(os.path.join(folder, name)) as f:
+                keys |= set(yaml.safe_load(f) or {})
+    return keys
+
+
+@pytest.mark.parametrize("base,dataset", [("DIN", "ml-100k"), ("DIEN", "ml-100k"), ("DeepFM", "ml-100k"), ("DIN", "tiny")])
+def test_variant_config_equals_stock_config_plus_plugin_keys(base, dataset, workdir):
+    cfg = {"data_path": str(workdir / "data")}
+    stock = Config(base, dataset, config_dict=cfg).final_config_dict
+    variant = LLMKConfig(f"{base}_REKI", dataset, config_dict=cfg).final_config_dict
+    ignored = plugin_keys() | {"MODEL_INPUT_TYPE"}
+    assert {k: v for k, v in variant.items() if k not in ignored} == {k: v for k, v in stock.items() if k not in ignored}
+    assert variant["MODEL_INPUT_TYPE"] == stock["MODEL_INPUT_TYPE"]
+    assert variant["base_model"] == base and variant["model"] == f"{base}_REKI"
+    if base in ("DIN", "DIEN"):
+        assert variant["metrics"] == ["AUC", "LogLoss"]  # RecBole's DIN/DIEN quick-start settings
+
+
+def test_dien_variant_gets_diens_dataset_and_trainer(workdir):
+    config = LLMKConfig("DIEN_REKI", "tiny", config_dict={"data_path": str(workdir / "data"), "state": "WARNING"})
+    assert type(create_dataset(config)).__name__ == "DIENDataset"
+    assert config["model"] == "DIEN_REKI"  # restored after the lookup
+    assert issubclass(get_trainer(config), Trainer)
+
+
+def test_stock_model_through_plugin_matches_recbole(tiny_config):
+    """Same seed, same data: the plugin's quick start gives RecBole's own numbers for a stock model."""
+    tiny_config["epochs"] = 2
+    ours = run_recbole_llmk("DeepFM", "tiny", config_dict=dict(tiny_config), saved=False)["test_result"]
+
+    config = Config("DeepFM", "tiny", config_dict=dict(tiny_config))
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = recbole_create_dataset(config)
+    train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = recbole_get_model("DeepFM")(config, train_data._dataset)
+    trainer = Trainer(config, model)
+    trainer.fit(train_data, valid_data, saved=False, show_progress=False)
+    theirs = trainer.evaluate(test_data, load_best_model=False)
+    assert dict(ours) == dict(theirs)
+
+
+def test_unknown_model_gives_a_clear_error(workdir):
+    with pytest.raises(ValueError, match="is not a RecBole model"):
+        LLMKConfig("NoSuchModel_REKI", "tiny", config_dict={"data_path": str(workdir / "data")})
+
+
+def test_command_line_overrides_and_config_files(tiny_config, workdir):
+    config_file = workdir / "run.yaml"
+    config_file.write_text(yaml.safe_dump({k: v for k, v in tiny_config.items() if k != "epochs"}))
+    command = [sys.executable, os.path.join(ROOT, "run_recbole_llmk.py"), "--model=DeepFM_REKI", "--dataset=tiny",
+               f"--config_files={config_file}", "--epochs=1", "--hein_n_shared=1", "--state=INFO"]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "test result" in log and "auc" in log
+    assert "hein_n_shared = 1" in log  # --key=value reached the config

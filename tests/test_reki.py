@@ -1,0 +1,86 @@
+"""REKI end to end on the tiny dataset, through RecBole's own trainer and evaluator."""
+
+import inspect
+import pkgutil
+
+import pytest
+import recbole.model.context_aware_recommender as car
+import torch
+from recbole.model.abstract_recommender import ContextRecommender
+
+from recbole_llmk.model.reki import UNSUPPORTED
+from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
+from recbole_llmk.utils import get_model, get_trainer
+
+
+def context_models():
+    """Every model class in RecBole's context_aware_recommender package."""
+    names = []
+    for info in pkgutil.iter_modules(car.__path__):
+        module = __import__(f"{car.__name__}.{info.name}", fromlist=["_"])
+        names += [n for n, c in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(c, ContextRecommender) and c is not ContextRecommender and c.__module__ == module.__name__]
+    return sorted(set(names))
+
+
+SUPPORTED = [m for m in context_models() if m not in UNSUPPORTED] + ["DIN", "DIEN"]
+
+
+def test_every_context_model_is_covered():
+    assert len(context_models()) >= 17
+    assert set(UNSUPPORTED) <= set(context_models())
+
+
+@pytest.mark.parametrize("base", SUPPORTED)
+def test_variant_trains_evaluates_and_learns_from_knowledge(base, tiny_config):
+    config, dataset, train_data, valid_data, test_data = prepare(f"{base}_REKI", "tiny", config_dict=tiny_config)
+    assert config["metrics"] == ["AUC", "LogLoss"]
+    build_knowledge(config, train_data)
+    model = create_model(config, train_data)
+    hein_before = {k: v.clone() for k, v in model.knowledge.hein.state_dict().items()}
+    trainer = get_trainer(config)(config, model)
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    result = trainer.evaluate(test_data, load_best_model=True)  # reloads the best checkpoint
+    assert set(result) == {"auc", "logloss"} and 0.0 <= result["auc"] <= 1.0
+    changed = [k for k, v in model.knowledge.hein.state_dict().items() if not torch.equal(v, hein_before[k])]
+    assert changed, f"{base}_REKI: HEIN received no gradient, the knowledge is ignored"
+
+
+@pytest.mark.parametrize("base", ["DeepFM", "DIN", "DSSM"])
+def test_prestored_vectors_predict_like_hein(base, tiny_config):
+    config, dataset, train_data, valid_data, test_data = prepare(f"{base}_REKI", "tiny", config_dict=tiny_config)
+    build_knowledge(config, train_data)
+    model = create_model(config, train_data)
+    get_trainer(config)(config, model).fit(train_data, valid_data, saved=False, show_progress=False)
+    model.eval()
+    batch = next(iter(test_data))[0].to(model.device)
+    with torch.no_grad():
+        expected = model.predict(batch)
+        model.prestore_knowledge(drop_adapter=True)
+        served = model.predict(batch)
+    assert not hasattr(model.knowledge, "hein")
+    torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["LR", "FFM", "FwFM", "BPR", "SASRec"])
+def test_unsupported_models_are_refused_with_the_reason(base):
+    with pytest.raises(ValueError, match=f"{base}_REKI is not supported"):
+        get_model(f"{base}_REKI")
+
+
+def test_checkpoint_resumes_with_weights_only_load(tiny_config):
+    config, dataset, train_data, valid_data, test_data = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    build_knowledge(config, train_data)
+    trainer = get_trainer(config)(config, create_model(config, train_data))
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    state = torch.load(trainer.saved_model_file, weights_only=True)
+    assert state["config"]["model"] == "DeepFM_REKI"
+    resumed = get_trainer(config)(config, create_model(config, train_data))
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    assert resumed.start_epoch == 1
+
+
+def test_quick_start_runs_and_reports(tiny_config):
+    result = run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    assert set(result["test_result"]) == {"auc", "logloss"}
+    assert result["knowledge_store"]
