@@ -1,0 +1,225 @@
+"""Run a benchmark suite: stock RecBole models vs their knowledge-augmented variants.
+
+    python benchmarks/run_suite.py benchmarks/suites/reki_ml100k.yaml [--only DeepFM,DeepFM_REKI] [--results results]
+
+A suite yaml names a dataset, models, seeds and config overrides (see ``benchmarks/suites``).
+Each (model, seed) cell runs in its own process (clean peak memory, clean logging) and is saved
+as JSON under ``<results>/<suite>/cells``; a rerun skips finished cells. The summary (CSV +
+markdown, with mean ± std over seeds and a paired t-test of each variant against its stock
+backbone on matched seeds) is rebuilt from all finished cells. Not part of the test suite.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+
+def load_suite(path):
+    with open(path, encoding="utf-8") as f:
+        suite = yaml.safe_load(f)
+    for key in ("dataset", "models", "seeds"):
+        if key not in suite:
+            raise ValueError(f"{path}: suite needs '{key}'")
+    suite.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    suite.setdefault("config", {})
+    suite.setdefault("model_config", {})
+    return suite
+
+
+def cell_config(suite, model, seed):
+    config = dict(suite["config"])
+    base = model.rpartition("_")[0] if model.rpartition("_")[2] in ("REKI",) else model
+    config.update(suite["model_config"].get(base, {}))
+    config.update(suite["model_config"].get(model, {}))
+    config.update({"seed": seed, "show_progress": False})
+    return config
+
+
+def run_cell(model, dataset, config):
+    """Train, evaluate and time one cell in this process; -> a JSON-able dict."""
+    import resource
+
+    import torch
+    from recbole.utils import get_local_time
+
+    from recbole_llmk.quick_start import build_knowledge, create_model, prepare
+    from recbole_llmk.utils import get_trainer
+
+    config, _, train_data, valid_data, test_data = prepare(model, dataset, config_dict=config)
+    start = time.time()
+    store = build_knowledge(config, train_data)
+    knowledge_seconds = time.time() - start
+    net = create_model(config, train_data)
+    trainer = get_trainer(config)(config, net)
+    epoch_seconds, batches = [], len(train_data)
+    train_epoch = trainer._train_epoch
+
+    def timed_epoch(*args, **kwargs):
+        begin = time.time()
+        out = train_epoch(*args, **kwargs)
+        epoch_seconds.append(time.time() - begin)
+        return out
+
+    trainer._train_epoch = timed_epoch
+    trainer.saved_model_file = os.path.join(config["checkpoint_dir"], f"{model}-{config['seed']}-{get_local_time()}.pth")
+    best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    test_result = trainer.evaluate(test_data, load_best_model=True)
+    cell = {
+        "model": model, "dataset": dataset, "seed": config["seed"],
+        "test": dict(test_result), "valid": dict(valid_result),
+        "epochs_run": len(epoch_seconds),
+        "train_epoch_seconds": sum(epoch_seconds) / max(len(epoch_seconds), 1),
+        "train_batch_ms": 1000 * sum(epoch_seconds) / max(len(epoch_seconds) * batches, 1),
+        "knowledge_seconds": knowledge_seconds,
+        "knowledge": store.meta.get("generation") if store else None,
+        "infer_batch_ms": inference_ms(net, test_data),
+    }
+    if hasattr(net, "prestore_knowledge"):
+        net.prestore_knowledge(drop_adapter=True)
+        cell["infer_batch_ms_prestored"] = inference_ms(net, test_data)
+        cell["test_prestored"] = dict(trainer.evaluate(test_data, load_best_model=False))
+    cell["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    os.remove(trainer.saved_model_file)
+    return cell
+
+
+def inference_ms(model, data, repeats=3):
+    """Mean milliseconds of ``model.predict`` per evaluation batch (best of ``repeats`` passes)."""
+    import torch
+
+    model.eval()
+    batches = [batch[0].to(model.device) for batch in data]
+    best = float("inf")
+    with torch.no_grad():
+        model.predict(batches[0])  # warm-up
+        for _ in range(repeats):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            for batch in batches:
+                model.predict(batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - begin) / len(batches))
+    return 1000 * best
+
+
+def summarize(suite, cells):
+    """Rows of mean ± std per model, paired t-test against the stock backbone on shared seeds."""
+    import numpy as np
+    from scipy import stats
+
+    by_model = {}
+    for cell in cells:
+        by_model.setdefault(cell["model"], {})[cell["seed"]] = cell
+    rows = []
+    for model in suite["models"]:
+        runs = by_model.get(model, {})
+        if not runs:
+            continue
+        base = model.rpartition("_")[0] if "_" in model and model.rpartition("_")[2] in ("REKI",) else None
+        row = {"model": model, "seeds": len(runs)}
+        for metric in sorted(next(iter(runs.values()))["test"]):
+            values = np.array([runs[s]["test"][metric] for s in sorted(runs)])
+            row[f"{metric}_mean"], row[f"{metric}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+            if base and base in by_model:
+                shared = sorted(set(runs) & set(by_model[base]))
+                ours = np.array([runs[s]["test"][metric] for s in shared])
+                theirs = np.array([by_model[base][s]["test"][metric] for s in shared])
+                row[f"{metric}_rel"] = (ours.mean() - theirs.mean()) / theirs.mean()
+                row[f"{metric}_p"] = stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else float("nan")
+        for key in ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored",
+                    "knowledge_seconds", "peak_rss_mb", "epochs_run"):
+            values = [c[key] for c in runs.values() if c.get(key) is not None]
+            if values:
+                row[key] = float(np.mean(values))
+        rows.append(row)
+    return rows
+
+
+def write_reports(suite, rows, folder, wall_seconds):
+    import csv
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
+    with open(os.path.join(folder, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = sorted({k[:-5] for r in rows for k in r if k.endswith("_mean")})
+    header = ["model", "seeds"] + [m for m in metrics] + [f"{m} vs stock (p)" for m in metrics] + \
+             ["epoch s", "infer ms/batch", "infer ms/batch prestored", "knowledge s", "epochs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, spec=".4f"):
+        return "" if value is None else format(value, spec)
+
+    for r in rows:
+        cells = [r["model"], str(r["seeds"])]
+        cells += [f"{r[m + '_mean']:.4f} ± {r[m + '_std']:.4f}" for m in metrics]
+        cells += [f"{100 * r[m + '_rel']:+.2f}% (p={r[m + '_p']:.3f})" if m + "_rel" in r else "" for m in metrics]
+        cells += [fmt(r.get("train_epoch_seconds"), ".1f"), fmt(r.get("infer_batch_ms"), ".2f"),
+                  fmt(r.get("infer_batch_ms_prestored"), ".2f"), fmt(r.get("knowledge_seconds"), ".0f"),
+                  fmt(r.get("epochs_run"), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, python {platform.python_version()}"
+    note = (f"\nSuite `{suite['name']}` on {suite['dataset']}, produced by `python benchmarks/run_suite.py "
+            f"{suite.get('path', '')}` on {time.strftime('%Y-%m-%d')} ({machine}); cells ran "
+            f"{wall_seconds / 60:.1f} min in this invocation. Test-split metrics, mean ± std over seeds; "
+            "p: paired t-test against the stock backbone on the same seeds.\n")
+    with open(os.path.join(folder, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n" + note)
+    return "\n".join(lines) + "\n" + note
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite")
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--only", default=None, help="comma-separated models to run (summary uses all cells)")
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: model,seed,output
+    args = parser.parse_args()
+    suite = load_suite(args.suite)
+    suite["path"] = os.path.relpath(args.suite, ROOT)
+    if args.cell:
+        model, seed, output = args.cell.split(",", 2)
+        sys.argv = sys.argv[:1]  # RecBole's Config reads argv
+        cell = run_cell(model, suite["dataset"], cell_config(suite, model, int(seed)))
+        with open(output, "w") as f:
+            json.dump(cell, f, indent=2)
+        return
+    folder = os.path.join(args.results, suite["name"])
+    os.makedirs(os.path.join(folder, "cells"), exist_ok=True)
+    models = args.only.split(",") if args.only else suite["models"]
+    todo = [(m, s) for m in models for s in suite["seeds"]]
+    start = time.time()
+    for index, (model, seed) in enumerate(todo, 1):
+        output = os.path.join(folder, "cells", f"{model}-{seed}.json")
+        if os.path.isfile(output):
+            print(f"[{index}/{len(todo)}] {model} seed {seed}: done earlier, skipped", flush=True)
+            continue
+        print(f"[{index}/{len(todo)}] {model} seed {seed} ...", flush=True)
+        begin = time.time()
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), args.suite, f"--cell={model},{seed},{output}"],
+                              cwd=folder, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"cell {model} seed {seed} failed (exit {done.returncode})")
+        print(f"    {json.load(open(output))['test']}  ({time.time() - begin:.0f} s)", flush=True)
+    cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
+    print(write_reports(suite, summarize(suite, cells), folder, time.time() - start))
+
+
+if __name__ == "__main__":
+    main()
