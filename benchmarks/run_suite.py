@@ -190,6 +190,7 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated models to run (summary uses all cells)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: model,seed,output
     args = parser.parse_args()
+    args.suite = os.path.abspath(args.suite)  # cells run inside the results folder
     suite = load_suite(args.suite)
     suite["path"] = os.path.relpath(args.suite, ROOT)
     if args.cell:
