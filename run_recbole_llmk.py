@@ -4,20 +4,22 @@
     python run_recbole_llmk.py --model=DIN --dataset=ml-100k            # the stock baseline
     python run_recbole_llmk.py --model=DeepFM_REKI --dataset=ml-100k --config_files="a.yaml b.yaml" --epochs=5
     python run_recbole_llmk.py --model=DeepFM_REKI --dataset=ml-100k --run=knowledge   # build the store only
+    python run_recbole_llmk.py --model=DIN_REKI --llm_backend=openai --llm_model=gpt-4o-mini \
+        --run=export_batch --batch_file=prompts.jsonl       # then --run=import_batch --batch_file=results.jsonl
 
 Any other ``--key=value`` overrides a config key, as in RecBole.
 """
 
 import argparse
 
-from recbole_llmk.quick_start import run_recbole_llmk
+from recbole_llmk.quick_start import RUNS, run_recbole_llmk
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", "-m", type=str, default="DIN_REKI", help="model name")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
-    parser.add_argument("--run", type=str, default="train", choices=["train", "knowledge"])
+    parser.add_argument("--run", type=str, default="train", choices=list(RUNS))
     # RecBole's Config reads the remaining --key=value pairs from sys.argv itself.
     args, _ = parser.parse_known_args()
     files = args.config_files.strip().split(" ") if args.config_files else None

@@ -42,17 +42,42 @@ def create_model(config, train_data):
     return model
 
 
+def batch_files(config, train_data, run):
+    """Export the knowledge prompts not yet answered as an OpenAI Batch / vLLM run-batch file
+    (``run='export_batch'``), or import such a job's results into the answer cache
+    (``run='import_batch'``); both at ``batch_file``. The next run then sends nothing for them."""
+    from recbole_llmk.knowledge.generation import export_batch, import_batch
+    from recbole_llmk.knowledge.pipeline import cache_dir
+
+    requests_of = getattr(config.model_class, "knowledge_requests", None)
+    if requests_of is None or not config["batch_file"]:
+        raise ValueError(f"--run={run} needs a knowledge-augmented model and --batch_file=<path>")
+    requests = [r for rs in requests_of(config, train_data).values() for r in rs]
+    if run == "export_batch":
+        return {"exported": export_batch(config, cache_dir(config), requests, config["batch_file"])}
+    return import_batch(config, cache_dir(config), requests, config["batch_file"])
+
+
+RUNS = ("train", "knowledge", "export_batch", "import_batch")
+
+
 def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, run="train"):
-    """Train and evaluate ``model`` (``run='train'``), or only build its knowledge (``run='knowledge'``)."""
+    """Train and evaluate ``model`` (``run='train'``); or only build its knowledge
+    (``'knowledge'``); or hand its prompts to a batch service and back (``'export_batch'``,
+    ``'import_batch'``, see ``batch_files``)."""
+    if run not in RUNS:
+        raise ValueError(f"run must be one of {RUNS}, got '{run}'")
     config, dataset, train_data, valid_data, test_data = prepare(model, dataset, config_file_list, config_dict)
     logger = logging.getLogger()
+    if run in ("export_batch", "import_batch"):
+        result = batch_files(config, train_data, run)
+        logger.info(f"{run}: {result} ({config['batch_file']})")
+        return result
     start = time.time()
     store = build_knowledge(config, train_data)
     knowledge_seconds = time.time() - start
     if run == "knowledge":
         return {"knowledge_store": store.path if store else None, "knowledge_seconds": knowledge_seconds}
-    if run != "train":
-        raise ValueError(f"run must be 'train' or 'knowledge', got '{run}'")
     model = create_model(config, train_data)
     trainer = get_trainer(config)(config, model)
     best_valid_score, best_valid_result = trainer.fit(

@@ -56,6 +56,13 @@ class REKIMixin:
         config["knowledge_store"] = store.path
         return store
 
+    @classmethod
+    def knowledge_requests(cls, config, train_data):
+        """``{kind: [Request]}`` this model's knowledge needs (for batch export/import)."""
+        from recbole_llmk.techniques.reki import reki_requests
+
+        return reki_requests(config, training_dataset(train_data))[1]()
+
     def prestore_knowledge(self, drop_adapter=False):
         """Precompute the augmented vectors of every user and item (REKI's deployment)."""
         self.knowledge.prestore(drop_adapter)

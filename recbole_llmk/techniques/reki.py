@@ -68,10 +68,15 @@ class REKIPrompts:
         return {"user": users, "item": item_requests}
 
 
-def build_reki_knowledge(config, dataset):
-    """The REKI store for this run's training split, built when missing. ``dataset`` is the
-    training dataset (``training_dataset(train_data)``)."""
+def reki_requests(config, dataset):
+    """REKI's requests for the training dataset ``dataset``, and the store settings they imply."""
     frame = training_interactions(dataset)
     prompts = REKIPrompts(config)
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
-    return ensure_store(config, settings, lambda: prompts.requests(dataset, frame))
+    return settings, lambda: prompts.requests(dataset, frame)
+
+
+def build_reki_knowledge(config, dataset):
+    """The REKI store for this run's training split, built when missing. ``dataset`` is the
+    training dataset (``training_dataset(train_data)``)."""
+    return ensure_store(config, *reki_requests(config, dataset))
