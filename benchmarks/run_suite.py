@@ -24,7 +24,18 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 
+def stock_of(model):
+    """The stock RecBole backbone of a variant (``DIN_REKI`` -> ``DIN``); None for a stock model."""
+    from recbole_llmk.utils import TECHNIQUES
+
+    base, _, technique = model.rpartition("_")
+    return base if base and technique in TECHNIQUES else None
+
+
 def load_suite(path):
+    """A suite: dataset, seeds, config, model_config, and ``models``: each a model name, or
+    ``{label, model, config, stock}`` for a variant of a model under other settings (a sweep);
+    ``stock`` names the label it is compared with (default: its stock RecBole backbone)."""
     with open(path, encoding="utf-8") as f:
         suite = yaml.safe_load(f)
     for key in ("dataset", "models", "seeds"):
@@ -33,19 +44,33 @@ def load_suite(path):
     suite.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     suite.setdefault("config", {})
     suite.setdefault("model_config", {})
+    suite["entries"] = [entry_of(m) for m in suite["models"]]
     return suite
 
 
-def cell_config(suite, model, seed):
+def entry_of(item):
+    if isinstance(item, str):
+        return {"label": item, "model": item, "config": {}, "stock": stock_of(item)}
+    if "model" not in item:
+        raise ValueError(f"suite entry {item} needs 'model'")
+    return {"label": item.get("label", item["model"]), "model": item["model"], "config": item.get("config", {}),
+            "stock": item.get("stock", stock_of(item["model"]))}
+
+
+def entries(suite):
+    return suite.get("entries") or [entry_of(m) for m in suite["models"]]
+
+
+def cell_config(suite, entry, seed):
     config = dict(suite["config"])
-    base = model.rpartition("_")[0] if model.rpartition("_")[2] in ("REKI",) else model
-    config.update(suite["model_config"].get(base, {}))
-    config.update(suite["model_config"].get(model, {}))
+    config.update(suite["model_config"].get(stock_of(entry["model"]) or entry["model"], {}))
+    config.update(suite["model_config"].get(entry["model"], {}))
+    config.update(entry["config"])
     config.update({"seed": seed, "show_progress": False})
     return config
 
 
-def run_cell(model, dataset, config):
+def run_cell(model, dataset, config, label=None):
     """Train, evaluate and time one cell in this process; -> a JSON-able dict."""
     import resource
 
@@ -75,7 +100,7 @@ def run_cell(model, dataset, config):
     best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     test_result = trainer.evaluate(test_data, load_best_model=True)
     cell = {
-        "model": model, "dataset": dataset, "seed": config["seed"],
+        "model": label or model, "recbole_model": model, "dataset": dataset, "seed": config["seed"],
         "test": dict(test_result), "valid": dict(valid_result),
         "epochs_run": len(epoch_seconds),
         "train_epoch_seconds": sum(epoch_seconds) / max(len(epoch_seconds), 1),
@@ -125,11 +150,11 @@ def summarize(suite, cells):
     for cell in cells:
         by_model.setdefault(cell["model"], {})[cell["seed"]] = cell
     rows = []
-    for model in suite["models"]:
+    for entry in entries(suite):
+        model, base = entry["label"], entry["stock"]
         runs = by_model.get(model, {})
         if not runs:
             continue
-        base = model.rpartition("_")[0] if "_" in model and model.rpartition("_")[2] in ("REKI",) else None
         row = {"model": model, "seeds": len(runs)}
         for metric in sorted(next(iter(runs.values()))["test"]):
             values = np.array([runs[s]["test"][metric] for s in sorted(runs)])
@@ -147,6 +172,42 @@ def summarize(suite, cells):
                 row[key] = float(np.mean(values))
         rows.append(row)
     return rows
+
+
+def relative_changes(cells, suite, metric):
+    """Per variant: the per-seed relative change of ``metric`` against its stock backbone."""
+    by = {(c["model"], c["seed"]): c["test"][metric] for c in cells}
+    changes = {}
+    for entry in entries(suite):
+        model, base = entry["label"], entry["stock"]
+        if base:
+            pairs = [(by[(model, s)], by[(base, s)]) for s in suite["seeds"] if (model, s) in by and (base, s) in by]
+            if pairs:
+                changes[model] = [(ours - theirs) / theirs for ours, theirs in pairs]
+    return changes
+
+
+def plot_uplift(cells, suite, metric, path):
+    """Bar per variant: mean relative change of ``metric`` over seeds, error bar = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    changes = relative_changes(cells, suite, metric)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(len(changes), 1), 3.2))
+    names = list(changes)
+    means = [100 * np.mean(changes[n]) for n in names]
+    stds = [100 * np.std(changes[n], ddof=1) if len(changes[n]) > 1 else 0.0 for n in names]
+    ax.bar(names, means, yerr=stds, capsize=4, color=["tab:green" if m >= 0 else "tab:red" for m in means])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"{metric} change vs stock (%)")
+    ax.set_title(f"{suite['name']} on {suite['dataset']} ({len(suite['seeds'])} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_reports(suite, rows, folder, wall_seconds):
@@ -193,16 +254,18 @@ def main():
     args.suite = os.path.abspath(args.suite)  # cells run inside the results folder
     suite = load_suite(args.suite)
     suite["path"] = os.path.relpath(args.suite, ROOT)
+    by_label = {e["label"]: e for e in suite["entries"]}
     if args.cell:
-        model, seed, output = args.cell.split(",", 2)
+        label, seed, output = args.cell.split(",", 2)
         sys.argv = sys.argv[:1]  # RecBole's Config reads argv
-        cell = run_cell(model, suite["dataset"], cell_config(suite, model, int(seed)))
+        entry = by_label[label]
+        cell = run_cell(entry["model"], suite["dataset"], cell_config(suite, entry, int(seed)), label)
         with open(output, "w") as f:
             json.dump(cell, f, indent=2)
         return
     folder = os.path.join(args.results, suite["name"])
     os.makedirs(os.path.join(folder, "cells"), exist_ok=True)
-    models = args.only.split(",") if args.only else suite["models"]
+    models = args.only.split(",") if args.only else list(by_label)
     todo = [(m, s) for m in models for s in suite["seeds"]]
     start = time.time()
     for index, (model, seed) in enumerate(todo, 1):
@@ -220,6 +283,8 @@ def main():
         print(f"    {json.load(open(output))['test']}  ({time.time() - begin:.0f} s)", flush=True)
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     print(write_reports(suite, summarize(suite, cells), folder, time.time() - start))
+    metric = suite.get("plot_metric") or sorted(cells[0]["test"])[0]
+    print(f"plot: {plot_uplift(cells, suite, metric, os.path.join(folder, 'uplift.png'))}")
 
 
 if __name__ == "__main__":

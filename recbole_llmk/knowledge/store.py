@@ -111,3 +111,24 @@ class KnowledgeStore:
             f"covered, {cold} get the {default} default vector"
             + (f", {int((~known).sum())} stored tokens not in this dataset" if (~known).any() else ""))
         return table
+
+
+def pca_reduce(tables, dim):
+    """Project aligned knowledge tables onto their top ``dim`` principal components.
+
+    One projection is fitted on the rows of all tables together (user and item knowledge share
+    HEIN's experts, so they must share a space); row 0, the padding id, stays zero. REKI deploys
+    reduced vectors because the adaptor's first layer dominates training cost."""
+    stacked = np.concatenate([t[1:] for t in tables])
+    if dim >= stacked.shape[1]:
+        return tables
+    mean = stacked.mean(0)
+    _, _, components = np.linalg.svd(stacked - mean, full_matrices=False)
+    projection = components[:dim].T.astype(np.float32)
+    reduced = []
+    for table in tables:
+        out = (table - mean) @ projection
+        out[0] = 0.0
+        reduced.append(out.astype(np.float32))
+    logging.getLogger().info(f"knowledge vectors reduced by PCA from {stacked.shape[1]} to {dim} dimensions")
+    return reduced

@@ -19,7 +19,7 @@ from functools import lru_cache
 from recbole.model.abstract_recommender import ContextRecommender, SequentialRecommender
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
-from recbole_llmk.knowledge.store import KnowledgeStore
+from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce
 from recbole_llmk.model.layers import ConcatInput, KnowledgeFields
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
@@ -40,6 +40,8 @@ def knowledge_fields(model, config, dataset):
     default = config["knowledge_default"] or "mean"
     user_table = store.aligned("user", dataset, model.USER_ID, default)
     item_table = store.aligned("item", dataset, model.ITEM_ID, default)
+    if config["knowledge_pca_dim"]:
+        user_table, item_table = pca_reduce([user_table, item_table], config["knowledge_pca_dim"])
     return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
 
 

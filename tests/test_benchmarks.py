@@ -1,0 +1,68 @@
+"""The benchmark harness itself (not a benchmark): cells, resume, statistics, reports."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from scipy import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import run_suite  # noqa: E402
+
+
+def test_suite_runs_reports_and_resumes(tiny_config, workdir):
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    suite = {"dataset": "tiny", "models": ["DeepFM", "DeepFM_REKI"], "seeds": [1, 2], "config": config}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = workdir / "results" / "suite"
+    cells = sorted(os.listdir(folder / "cells"))
+    assert cells == ["DeepFM-1.json", "DeepFM-2.json", "DeepFM_REKI-1.json", "DeepFM_REKI-2.json"]
+    with open(folder / "summary.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"DeepFM", "DeepFM_REKI"}
+    assert rows["DeepFM_REKI"]["auc_p"] != "" and rows["DeepFM"]["auc_p"] == ""
+    assert float(rows["DeepFM_REKI"]["infer_batch_ms_prestored"]) > 0
+    assert "| DeepFM_REKI | 2 |" in (folder / "summary.md").read_text()
+    assert (folder / "uplift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stamps = {c: os.path.getmtime(folder / "cells" / c) for c in cells}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done earlier, skipped") == 4
+    assert stamps == {c: os.path.getmtime(folder / "cells" / c) for c in cells}
+
+
+def test_paired_t_test_pairs_by_seed_and_matches_scipy():
+    stock = {1: 0.70, 2: 0.72, 3: 0.71, 4: 0.69}
+    variant = {3: 0.74, 1: 0.72, 4: 0.70, 2: 0.75}  # other order: pairing must follow the seed
+    cells = [{"model": "DIN", "seed": s, "test": {"auc": v}} for s, v in stock.items()]
+    cells += [{"model": "DIN_REKI", "seed": s, "test": {"auc": v}} for s, v in variant.items()]
+    suite = {"models": ["DIN", "DIN_REKI"], "seeds": [1, 2, 3, 4]}
+    row = {r["model"]: r for r in run_suite.summarize(suite, cells)}["DIN_REKI"]
+    seeds = sorted(stock)
+    expected = stats.ttest_rel([variant[s] for s in seeds], [stock[s] for s in seeds]).pvalue
+    assert row["auc_p"] == pytest.approx(expected, rel=1e-12)
+    # by hand: differences 0.02, 0.03, 0.03, 0.01 -> mean 0.0225, sd 0.009574, t = 4.7001 on 3 df
+    assert row["auc_p"] == pytest.approx(0.018220, abs=5e-6)
+    assert row["auc_rel"] == pytest.approx((0.7275 - 0.705) / 0.705)
+    assert run_suite.relative_changes(cells, suite, "auc")["DIN_REKI"][0] == pytest.approx((0.72 - 0.70) / 0.70)
+
+
+def test_sweep_entries_are_labelled_and_paired_with_their_stock_model():
+    suite = {"models": ["DeepFM", {"label": "DeepFM_REKI-pca64", "model": "DeepFM_REKI",
+                                   "config": {"knowledge_pca_dim": 64}}], "seeds": [1, 2], "config": {}, "model_config": {}}
+    entry = run_suite.entries(suite)[1]
+    assert entry["stock"] == "DeepFM"
+    assert run_suite.cell_config(suite, entry, 1)["knowledge_pca_dim"] == 64
+    cells = [{"model": "DeepFM", "seed": s, "test": {"auc": 0.70 + s / 100}} for s in (1, 2)]
+    cells += [{"model": "DeepFM_REKI-pca64", "seed": s, "test": {"auc": v}} for s, v in ((1, 0.725), (2, 0.738))]
+    rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
+    assert rows["DeepFM_REKI-pca64"]["auc_rel"] == pytest.approx((0.7315 - 0.715) / 0.715)
