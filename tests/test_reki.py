@@ -92,3 +92,17 @@ def test_pca_reduced_knowledge_trains(tiny_config):
     hein = result["model"].knowledge.hein
     assert hein.user_gate.in_features == 4 and result["model"].knowledge.user_knowledge.shape[1] == 4
     assert set(result["test_result"]) == {"auc", "logloss"}
+
+
+def test_hein_with_unequal_user_and_item_widths_shares_its_experts():
+    from recbole_llmk.model.layers import HEIN
+
+    hein = HEIN(user_dim=12, item_dim=8, output_dim=4, n_shared=1, n_user=1, n_item=1, hidden_sizes=[6])
+    user, item = hein(torch.randn(5, 12), torch.randn(5, 8))
+    assert user.shape == item.shape == (5, 4)
+    gates = torch.softmax(hein.user_gate(hein.user_in(torch.randn(3, 12))), -1)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(3))
+    for side in (lambda: hein.user(torch.randn(5, 12)), lambda: hein.item(torch.randn(5, 8))):
+        hein.zero_grad()
+        side().sum().backward()
+        assert hein.shared[0].mlp_layers[1].weight.grad.abs().sum() > 0  # the shared expert learns from both sides

@@ -10,11 +10,18 @@ class HEIN(nn.Module):
 
     Shared experts see both user and item knowledge; dedicated experts see one side. Each side
     mixes its experts with a softmax gate over its knowledge vector and projects the mixture to
-    ``output_dim``, giving the two augmented vectors.
+    ``output_dim``, giving the two augmented vectors. When the two sides' knowledge differs in
+    width (e.g. REKI-C: a user has liked-cluster, disliked-cluster and history knowledge, an item
+    cluster and description knowledge), each side is first projected to the narrower width so
+    the shared experts see one space.
     """
 
-    def __init__(self, input_dim, output_dim, n_shared=2, n_user=2, n_item=2, hidden_sizes=(128, 32), dropout=0.0):
+    def __init__(self, user_dim, item_dim, output_dim, n_shared=2, n_user=2, n_item=2, hidden_sizes=(128, 32),
+                 dropout=0.0):
         super().__init__()
+        input_dim = min(user_dim, item_dim)
+        self.user_in = nn.Identity() if user_dim == input_dim else nn.Linear(user_dim, input_dim)
+        self.item_in = nn.Identity() if item_dim == input_dim else nn.Linear(item_dim, input_dim)
         sizes = [input_dim, *hidden_sizes]
 
         def experts(n):
@@ -28,16 +35,17 @@ class HEIN(nn.Module):
         self.user_out = nn.Linear(sizes[-1], output_dim)
         self.item_out = nn.Linear(sizes[-1], output_dim)
 
-    def _side(self, x, experts, gate, out):
+    def _side(self, x, project, experts, gate, out):
+        x = project(x)
         outputs = torch.stack([e(x) for e in (*self.shared, *experts)], dim=1)  # [B, E, h]
         weights = torch.softmax(gate(x), dim=-1).unsqueeze(-1)  # [B, E, 1]
         return out((weights * outputs).sum(1))
 
     def user(self, knowledge):
-        return self._side(knowledge, self.user_experts, self.user_gate, self.user_out)
+        return self._side(knowledge, self.user_in, self.user_experts, self.user_gate, self.user_out)
 
     def item(self, knowledge):
-        return self._side(knowledge, self.item_experts, self.item_gate, self.item_out)
+        return self._side(knowledge, self.item_in, self.item_experts, self.item_gate, self.item_out)
 
     def forward(self, user_knowledge, item_knowledge):
         return self.user(user_knowledge), self.item(item_knowledge)
@@ -61,12 +69,9 @@ class KnowledgeFields(nn.Module):
 
     def __init__(self, user_table, item_table, output_dim, config):
         super().__init__()
-        if user_table.shape[1] != item_table.shape[1]:
-            raise ValueError(f"user knowledge dim {user_table.shape[1]} != item knowledge dim "
-                             f"{item_table.shape[1]}: HEIN's shared experts need one encoder for both")
         self.register_buffer("user_knowledge", torch.as_tensor(user_table), persistent=False)
         self.register_buffer("item_knowledge", torch.as_tensor(item_table), persistent=False)
-        self.hein = HEIN(user_table.shape[1], output_dim, config["hein_n_shared"], config["hein_n_user"],
+        self.hein = HEIN(user_table.shape[1], item_table.shape[1], output_dim, config["hein_n_shared"], config["hein_n_user"],
                          config["hein_n_item"], config["hein_hidden_sizes"], config["hein_dropout"])
         self.prestored = False
 

@@ -16,6 +16,8 @@ feature fields and are trained jointly with it. One rule per backbone family say
 
 from functools import lru_cache
 
+import numpy as np
+
 from recbole.model.abstract_recommender import ContextRecommender, SequentialRecommender
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
@@ -33,15 +35,21 @@ DEEP_INTEREST = ("DIN", "DIEN")
 
 
 def knowledge_fields(model, config, dataset):
-    """HEIN over this run's stored knowledge, aligned to ``dataset``'s internal ids."""
+    """HEIN over this run's stored knowledge, aligned to ``dataset``'s internal ids.
+
+    Each side reads the store kinds its technique wrote (``knowledge_kinds``: e.g. individual
+    REKI ``user`` / ``item``; REKI-C adds cluster and history kinds), concatenated in that order."""
     store = KnowledgeStore.open(config["knowledge_store"])
     store.check({"technique": "REKI", "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
     default = config["knowledge_default"] or "mean"
-    user_table = store.aligned("user", dataset, model.USER_ID, default)
-    item_table = store.aligned("item", dataset, model.ITEM_ID, default)
-    if config["knowledge_pca_dim"]:
-        user_table, item_table = pca_reduce([user_table, item_table], config["knowledge_pca_dim"])
+    kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}
+    fields = {"user": model.USER_ID, "item": model.ITEM_ID}
+    tables = {side: [store.aligned(kind, dataset, fields[side], default) for kind in kinds[side]] for side in fields}
+    if config["knowledge_pca_dim"]:  # one projection for every kind: they share the encoder's space
+        reduced = pca_reduce(tables["user"] + tables["item"], config["knowledge_pca_dim"])
+        tables = {"user": reduced[:len(tables["user"])], "item": reduced[len(tables["user"]):]}
+    user_table, item_table = (np.concatenate(tables[side], axis=1) for side in ("user", "item"))
     return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
 
 
