@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 from recbole_llmk.knowledge.encoder import TextEncoder
 from recbole_llmk.knowledge.store import KnowledgeStore
@@ -45,11 +45,32 @@ def cache_dir(config):
     return os.path.join(config["knowledge_dir"] or "saved/knowledge", "llm_cache")
 
 
-def ensure_store(config, settings, make_requests):
+@dataclass
+class KnowledgePlan:
+    """What a technique asks of the pipeline.
+
+    ``requests``: prompts to generate through the configured backend; ``texts``: knowledge that
+    needs no generation (e.g. plain descriptions), by key; ``layout``: for each store kind, which
+    key's text each user/item gets (``{kind: {token: key}}``). Many tokens may share one key (a
+    cluster's knowledge); each distinct text is encoded once. ``sides``: which kinds feed the
+    model's user and item sides (default: ``user`` and ``item``)."""
+
+    requests: list
+    layout: dict
+    texts: dict = field(default_factory=dict)
+    sides: dict = None
+
+    @classmethod
+    def individual(cls, requests):
+        """One request per user/item: ``{kind: [Request keyed kind:token]}``."""
+        layout = {kind: {r.key.split(":", 1)[1]: r.key for r in rs} for kind, rs in requests.items()}
+        return cls([r for rs in requests.values() for r in rs], layout)
+
+
+def ensure_store(config, settings, make_plan):
     """Open the store for ``settings``, building it first when missing (or when asked to).
 
-    ``make_requests()`` -> ``{kind: [Request]}``; keys of a kind's requests are ``kind:token``.
-    """
+    ``make_plan()`` -> a :class:`KnowledgePlan`; it is only called when the store is built."""
     path = store_path(config, settings)
     logger = logging.getLogger()
     if KnowledgeStore.exists(path) and not config["knowledge_rebuild"]:
@@ -57,27 +78,33 @@ def ensure_store(config, settings, make_requests):
         store.check(settings)
         logger.info(f"using knowledge store {path}")
         return store
-    return build_store(config, settings, make_requests(), path)
+    return build_store(config, settings, make_plan(), path)
 
 
-def build_store(config, settings, requests, path):
+def build_store(config, settings, plan, path):
     from recbole_llmk.knowledge.generation import make_backend
 
     logger = logging.getLogger()
     start = time.time()
     backend = make_backend(config, cache_dir(config))
-    flat = [r for rs in requests.values() for r in rs]
-    answers, report = backend.generate(flat)
+    answers, report = backend.generate(plan.requests)
     logger.info(report.summary())
+    texts = {**plan.texts, **answers}
+    missing = {key for rows in plan.layout.values() for key in rows.values()} - set(texts)
+    if missing:
+        raise KeyError(f"knowledge plan refers to {len(missing)} keys with no text, e.g. {sorted(missing)[:3]}")
+    keys = sorted({key for rows in plan.layout.values() for key in rows.values()})
     encoder = TextEncoder.from_config(config)
+    vectors = dict(zip(keys, encoder.encode([texts[k] for k in keys], desc="encoding knowledge")))
     entries = {}
-    for kind, rs in requests.items():
-        texts = [answers[r.key] for r in rs]
-        tokens = [r.key.split(":", 1)[1] for r in rs]
-        entries[kind] = (tokens, encoder.encode(texts, desc=f"encoding {kind} knowledge"), texts)
+    for kind, rows in plan.layout.items():
+        tokens = list(rows)
+        entries[kind] = (tokens, [vectors[rows[t]] for t in tokens], [texts[rows[t]] for t in tokens])
     meta = dict(settings, generation=asdict(report), llm_backend_model=backend.model_id,
                 encoder_dim=encoder.dim, build_seconds=round(time.time() - start, 2),
-                created=time.strftime("%Y-%m-%d %H:%M:%S"))
+                created=time.strftime("%Y-%m-%d %H:%M:%S"), distinct_texts=len(keys))
+    if plan.sides:
+        meta["knowledge_kinds"] = plan.sides
     store = KnowledgeStore.write(path, meta, entries)
     logger.info(f"knowledge store written to {path} ({', '.join(f'{k}: {len(v[0])}' for k, v in entries.items())})")
     return store

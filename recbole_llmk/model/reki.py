@@ -71,7 +71,7 @@ class REKIMixin:
         """``{kind: [Request]}`` this model's knowledge needs (for batch export/import)."""
         from recbole_llmk.techniques.reki import reki_requests
 
-        return reki_requests(config, training_dataset(train_data))[1]()
+        return {"all": reki_requests(config, training_dataset(train_data))[1]().requests}
 
     def prestore_knowledge(self, drop_adapter=False):
         """Precompute the augmented vectors of every user and item (REKI's deployment)."""

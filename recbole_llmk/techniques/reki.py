@@ -8,7 +8,7 @@ scenario factors). With ``llm_backend: none`` the descriptions themselves are th
 
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import recent_histories, split_fingerprint, training_interactions
-from recbole_llmk.knowledge.pipeline import digest, ensure_store, store_settings
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
 
 TECHNIQUE = "REKI"
@@ -73,7 +73,7 @@ def reki_requests(config, dataset):
     frame = training_interactions(dataset)
     prompts = REKIPrompts(config)
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
-    return settings, lambda: prompts.requests(dataset, frame)
+    return settings, lambda: KnowledgePlan.individual(prompts.requests(dataset, frame))
 
 
 def build_reki_knowledge(config, dataset):
