@@ -53,12 +53,14 @@ class KnowledgePlan:
     needs no generation (e.g. plain descriptions), by key; ``layout``: for each store kind, which
     key's text each user/item gets (``{kind: {token: key}}``). Many tokens may share one key (a
     cluster's knowledge); each distinct text is encoded once. ``sides``: which kinds feed the
-    model's user and item sides (default: ``user`` and ``item``)."""
+    model's user and item sides (default: ``user`` and ``item``). ``backend``: generation settings
+    that replace the run's ``llm_*`` keys (e.g. replaying released answers)."""
 
     requests: list
     layout: dict
     texts: dict = field(default_factory=dict)
     sides: dict = None
+    backend: dict = None
 
     @classmethod
     def individual(cls, requests):
@@ -86,7 +88,7 @@ def build_store(config, settings, plan, path):
 
     logger = logging.getLogger()
     start = time.time()
-    backend = make_backend(config, cache_dir(config))
+    backend = make_backend(plan.backend or config, cache_dir(config))
     answers, report = backend.generate(plan.requests)
     logger.info(report.summary())
     texts = {**plan.texts, **answers}

@@ -6,9 +6,12 @@ user (profile + recent *training* history + scenario factors) and one per item (
 scenario factors). With ``llm_backend: none`` the descriptions themselves are the knowledge text.
 """
 
+import logging
+import os
+
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import recent_histories, split_fingerprint, training_interactions
-from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, cache_dir, digest, ensure_store, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
 
 TECHNIQUE = "REKI"
@@ -68,12 +71,96 @@ class REKIPrompts:
         return {"user": users, "item": item_requests}
 
 
+MODES = ("individual", "released")
+
+
 def reki_requests(config, dataset):
-    """REKI's requests for the training dataset ``dataset``, and the store settings they imply."""
+    """The store settings and knowledge plan of REKI for the training dataset ``dataset``.
+
+    ``reki_knowledge``: ``individual`` (one prompt per user and item) or ``released`` (collective
+    knowledge somebody else generated, e.g. the REKI authors' gpt-3.5 answers for MovieLens-1M
+    clusters, assigned to this dataset's users and items; see ``released_plan``)."""
+    mode = config["reki_knowledge"] or "individual"
+    if mode not in MODES:
+        raise ValueError(f"reki_knowledge must be one of {MODES}, got '{mode}'")
     frame = training_interactions(dataset)
     prompts = REKIPrompts(config)
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
-    return settings, lambda: KnowledgePlan.individual(prompts.requests(dataset, frame))
+    if mode == "individual":
+        return settings, lambda: KnowledgePlan.individual(prompts.requests(dataset, frame))
+    release = load_release(config)
+    settings.update(mode=mode, llm_backend="replay", llm_model=release.model,
+                    release=digest([os.path.abspath(release.root), config["reki_release_match"], config["reki_like_threshold"]]))
+    return settings, lambda: released_plan(config, dataset, frame, prompts, release)
+
+
+def load_release(config):
+    from recbole_llmk.techniques.reki_release import ReleasedKnowledge
+
+    if not config["reki_release_path"]:
+        raise ValueError("reki_knowledge=released needs reki_release_path: the release's group_data folder "
+                         "(e.g. ../shared/data/reki/ml-1m/proc_data/group_data)")
+    return ReleasedKnowledge.load(config["reki_release_path"], config["reki_release_movies"])
+
+
+def released_plan(config, dataset, frame, prompts, release):
+    """REKI-C knowledge from a release: each user gets the answers of its liked-items and
+    disliked-items clusters plus its own history description, each item its cluster's answer
+    plus its own description (REKI-C's extra vectors). Items join clusters by ML-1M id or by
+    title and year; users by ML-1M id, or by the overlap of their *training* likes and dislikes
+    with each cluster's representative items. Released answers are replayed, never regenerated."""
+    from recbole_llmk.knowledge.generation import Request
+    from recbole_llmk.techniques.reki_release import (assign_users_by_overlap, item_clusters_for,
+                                                      match_items_by_title, read_recbole_titles)
+
+    by_id = (config["reki_release_match"] or "title") == "id"
+    items = list(dataset.field2id_token[dataset.iid_field][1:])
+    users = list(dataset.field2id_token[dataset.uid_field][1:])
+    if by_id:
+        to_ml1m = {t: t for t in items}
+    else:
+        title, year = config["reki_release_title_fields"] or ["movie_title", "release_year"]
+        titles = read_recbole_titles(prompts.describer._atomic_path("item"), title, year)
+        to_ml1m = match_items_by_title(release.movies_dat, titles)
+    item_cluster = item_clusters_for(to_ml1m, release)
+    if by_id:
+        user_clusters = {u: release.user_clusters.get(u, (None, None)) for u in users}
+    else:
+        user_clusters = assign_users_by_overlap(release, liked_and_disliked(frame, prompts, to_ml1m, config))
+    replay = os.path.join(cache_dir(config), f"release-{digest(os.path.abspath(release.root))}.jsonl")
+    release.write_replay_file(replay)
+    requests = [Request(f"{kind}-cluster:{cluster}", release.prompts[(kind, cluster)], "")
+                for kind, cluster in sorted(release.prompts, key=str)]
+    layout = {
+        "user_positive": {u: f"positive-cluster:{c[0]}" for u, c in user_clusters.items() if c and c[0] is not None},
+        "user_negative": {u: f"negative-cluster:{c[1]}" for u, c in user_clusters.items() if c and c[1] is not None},
+        "item_cluster": {i: f"item-cluster:{c}" for i, c in item_cluster.items() if c is not None},
+        "user_history": {u: f"user:{u}" for u in users},
+        "item_description": {i: f"item:{i}" for i in items},
+    }
+    logging.getLogger().info(
+        f"released knowledge ({release.model}): {len(layout['item_cluster'])} of {len(items)} items and "
+        f"{len(layout['user_positive'])}/{len(layout['user_negative'])} of {len(users)} users (liked/disliked) "
+        f"assigned to released clusters; the rest get the default vector for those kinds")
+    described = prompts.requests(dataset, frame)
+    texts = {r.key: r.description for rs in described.values() for r in rs}
+    sides = {"user": ["user_positive", "user_negative", "user_history"], "item": ["item_cluster", "item_description"]}
+    return KnowledgePlan(requests, layout, texts, sides, backend={"llm_backend": "replay", "llm_replay_file": replay,
+                                                                  "llm_model": release.model})
+
+
+def liked_and_disliked(frame, prompts, to_ml1m, config):
+    """{user: (liked ML-1M ids, disliked ML-1M ids)} from training interactions and their ratings."""
+    frame = prompts.describer.with_ratings(frame)
+    if "rating" not in frame:
+        raise ValueError("reki_release_match=title assigns users by liked/disliked items, which needs ratings")
+    threshold = config["reki_like_threshold"] or 4
+    frame = frame[frame["item"].isin(to_ml1m.keys())]
+    histories = {}
+    for user, rows in frame.groupby("user"):
+        liked = rows["rating"] >= threshold
+        histories[user] = ([to_ml1m[i] for i in rows["item"][liked]], [to_ml1m[i] for i in rows["item"][~liked]])
+    return histories
 
 
 def build_reki_knowledge(config, dataset):
