@@ -67,7 +67,8 @@ def cell_config(suite, entry, seed):
     config.update(suite["model_config"].get(entry["model"], {}))
     config.update(entry["config"])
     config.update({"seed": seed, "show_progress": False})
-    return config
+    # paths in a suite may start at the repository: "{repo}/../shared/data/..."
+    return {k: v.format(repo=ROOT) if isinstance(v, str) and "{repo}" in v else v for k, v in config.items()}
 
 
 def run_cell(model, dataset, config, label=None):

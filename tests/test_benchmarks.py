@@ -66,3 +66,11 @@ def test_sweep_entries_are_labelled_and_paired_with_their_stock_model():
     cells += [{"model": "DeepFM_REKI-pca64", "seed": s, "test": {"auc": v}} for s, v in ((1, 0.725), (2, 0.738))]
     rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
     assert rows["DeepFM_REKI-pca64"]["auc_rel"] == pytest.approx((0.7315 - 0.715) / 0.715)
+
+
+def test_suite_paths_may_start_at_the_repository():
+    suite = {"models": ["DeepFM"], "seeds": [1], "config": {"reki_release_path": "{repo}/../shared/x", "n": 3},
+             "model_config": {}}
+    config = run_suite.cell_config(suite, run_suite.entries(suite)[0], 1)
+    assert config["reki_release_path"] == f"{ROOT}/../shared/x"
+    assert config["n"] == 3 and config["seed"] == 1
