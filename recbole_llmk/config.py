@@ -12,6 +12,7 @@ import os
 from recbole.config import Config
 
 from recbole_llmk.compat import check_stack
+from recbole_llmk.metrics import register_metrics
 from recbole_llmk.utils import get_model
 
 PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
@@ -30,6 +31,7 @@ class LLMKConfig(Config):
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
         check_stack()
+        register_metrics()  # UAUC, WUAUC: RecBole checks metric names while building the config
         super().__init__(model, dataset, config_file_list, config_dict)
 
     def _get_model_and_dataset(self, model, dataset):

@@ -23,7 +23,9 @@ TECHNIQUES = {
     "REKI": "recbole_llmk.model.reki:reki_variant",
 }
 # models of this plugin that are not variants of a RecBole model.
-NATIVE_MODELS = {}
+NATIVE_MODELS = {
+    "LEARN": "recbole_llmk.model.learn:LEARN",
+}
 
 
 def _load(target):

@@ -49,6 +49,10 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         if self.tokenizer.pad_token is None:  # decoder LLMs often ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Pad on the right: a decoder's position ids do not skip left padding (GPT-2 embeds a
+        # text differently when left-padded in a batch), while right padding never reaches the
+        # real tokens of a causal model and is what encoders expect anyway.
+        self.tokenizer.padding_side = "right"
         dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
             if self.device.type == "cuda" else torch.float32
         self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
