@@ -21,6 +21,7 @@ from recbole_llmk.compat import safe_trainer_class
 # technique suffix -> "module:factory"; a factory turns a RecBole model class into the variant.
 TECHNIQUES = {
     "REKI": "recbole_llmk.model.reki:reki_variant",
+    "ReLand": "recbole_llmk.model.reland:reland_variant",
 }
 # models of this plugin that are not variants of a RecBole model.
 NATIVE_MODELS = {

@@ -482,6 +482,26 @@ class StreamingKernelTree:
 
 
 # --- faiss k-means ------------------------------------------------------------------------------
+def faiss_kmeans(X, k, seed=0, niter=25, threads=1):
+    """``(labels, centroids)`` of faiss k-means of the rows of ``X`` into ``min(k, n)`` groups.
+
+    ``threads``: see :class:`KMeansClusterer`."""
+    import faiss
+
+    X = _as_matrix(X)
+    k = max(1, min(int(k), X.shape[0]))
+    previous = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+    try:
+        kmeans = faiss.Kmeans(X.shape[1], k, niter=int(niter), seed=int(seed), verbose=False,
+                              min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+        kmeans.train(X)
+        _, assigned = kmeans.index.search(X, 1)
+    finally:
+        faiss.omp_set_num_threads(previous)
+    return assigned.ravel().astype(np.int64), kmeans.centroids.copy()
+
 
 
 class KMeansClusterer:
@@ -579,23 +599,9 @@ class KMeansClusterer:
 
     def _kmeans(self, members, k, depth):
         """faiss k-means labels of ``members`` into k groups (seeded per recursion depth)."""
-        import faiss
-
-        X = self._X[members]
         if k <= 1 or len(members) <= 1:
             return np.zeros(len(members), dtype=np.int64)
-        k = min(k, len(members))
-        previous = faiss.omp_get_max_threads()
-        if self.threads:
-            faiss.omp_set_num_threads(int(self.threads))
-        try:
-            kmeans = faiss.Kmeans(X.shape[1], k, niter=self.niter, seed=self.seed + depth, verbose=False,
-                                  min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-            kmeans.train(X)
-            _, assigned = kmeans.index.search(X, 1)
-        finally:
-            faiss.omp_set_num_threads(previous)
-        return assigned.ravel().astype(np.int64)
+        return faiss_kmeans(self._X[members], k, self.seed + depth, self.niter, self.threads)[0]
 
     def _split(self, members, k, depth):
         """Groups of ``members`` (index arrays), each at most the cap."""

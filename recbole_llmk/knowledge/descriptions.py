@@ -108,6 +108,34 @@ class Describer:
         names = _placeholders(template) or names
         return {row[id_field]: self._render(template, row, names) for _, row in frame.iterrows()}
 
+    def history_text(self, rows, items):
+        """One line per interaction of ``rows`` (oldest first), with its rating when known."""
+        template = self.hook.history_item_template if "rating" in rows else "{item}"
+        lines = []
+        for row in rows.itertuples(index=False):
+            values = {"item": items.get(row.item, f"{self.hook.item_noun} {row.item}")}
+            if "rating" in rows:
+                values["rating"] = _rating(row.rating)
+            lines.append("- " + template.format(**values))
+        return "\n".join(lines) or "(no history yet)"
+
+    def user_contexts(self, frame, users, length):
+        """``{user: (profile, history text)}`` for ``users``: the profile from the ``.user`` file
+        and the user's last ``length`` interactions of ``frame`` (a *training* frame, see
+        ``history.training_interactions``), with ratings from the raw file when RecBole dropped them."""
+        from recbole_llmk.knowledge.history import recent_histories
+
+        frame = self.with_ratings(frame)
+        items = self.describe("item")
+        profiles = self.describe("user")
+        histories = recent_histories(frame, length)
+        empty = frame.iloc[:0]
+        return {u: (profiles.get(u) or f"a {self.hook.user_noun}", self.history_text(histories.get(u, empty), items))
+                for u in users}
+
+    def user_text(self, profile, history):
+        """A user as plain text: profile and recent history (knowledge when no LLM is used)."""
+        return f"A {self.hook.user_noun} who is {profile}. Recent {self.hook.item_noun}s:\n{history}"
 
     def with_ratings(self, frame):
         """``frame`` with each interaction's rating from the raw ``.inter`` file.
@@ -126,6 +154,10 @@ class Describer:
         raw.columns = ["user", "item", "rating"]
         raw["rating"] = pd.to_numeric(raw["rating"], errors="coerce")
         return frame.merge(raw, on=["user", "item"], how="left")
+
+
+def _rating(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _placeholders(template):

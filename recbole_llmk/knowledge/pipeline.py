@@ -54,13 +54,17 @@ class KnowledgePlan:
     key's text each user/item gets (``{kind: {token: key}}``). Many tokens may share one key (a
     cluster's knowledge); each distinct text is encoded once. ``sides``: which kinds feed the
     model's user and item sides (default: ``user`` and ``item``). ``backend``: generation settings
-    that replace the run's ``llm_*`` keys (e.g. replaying released answers)."""
+    that replace the run's ``llm_*`` keys (e.g. replaying released answers). ``postprocess``:
+    ``f(answers) -> (answers, files)`` applied to the generated answers before encoding (e.g.
+    keeping the part of a reasoning answer that is the knowledge); ``files`` (``{name: text}``)
+    are written into the store folder for people to read."""
 
     requests: list
     layout: dict
     texts: dict = field(default_factory=dict)
     sides: dict = None
     backend: dict = None
+    postprocess: object = None
 
     @classmethod
     def individual(cls, requests):
@@ -91,6 +95,9 @@ def build_store(config, settings, plan, path):
     backend = make_backend(plan.backend or config, cache_dir(config))
     answers, report = backend.generate(plan.requests)
     logger.info(report.summary())
+    files = {}
+    if plan.postprocess:
+        answers, files = plan.postprocess(answers)
     texts = {**plan.texts, **answers}
     missing = {key for rows in plan.layout.values() for key in rows.values()} - set(texts)
     if missing:
@@ -107,6 +114,6 @@ def build_store(config, settings, plan, path):
                 created=time.strftime("%Y-%m-%d %H:%M:%S"), distinct_texts=len(keys))
     if plan.sides:
         meta["knowledge_kinds"] = plan.sides
-    store = KnowledgeStore.write(path, meta, entries)
+    store = KnowledgeStore.write(path, meta, entries, files)
     logger.info(f"knowledge store written to {path} ({', '.join(f'{k}: {len(v[0])}' for k, v in entries.items())})")
     return store

@@ -28,11 +28,15 @@ class KnowledgeStore:
         self.meta = meta
 
     @classmethod
-    def write(cls, path, meta, entries):
-        """``entries``: kind -> (tokens, vectors, texts). Written to a temp name, then renamed,
-        so an interrupted build never leaves a store that looks complete."""
+    def write(cls, path, meta, entries, files=None):
+        """``entries``: kind -> (tokens, vectors, texts); ``files``: extra ``{name: text}`` to keep
+        with the store. Written to a temp name, then renamed, so an interrupted build never leaves
+        a store that looks complete."""
         tmp = path.rstrip("/") + ".partial"
         os.makedirs(tmp, exist_ok=True)
+        for name, text in (files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
         for kind, (tokens, vectors, texts) in entries.items():
             if len(tokens) != len(vectors) or len(tokens) != len(texts):
                 raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")

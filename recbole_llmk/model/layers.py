@@ -128,3 +128,71 @@ def widen_first_linear(module, extra_dim):
             setattr(parent, name.rpartition(".")[2], wider)
             return
     raise ValueError(f"{type(module).__name__} has no Linear layer to widen")
+
+
+class AttentionFusion(nn.Module):
+    """ReLand's fusion of an embedding ``e`` with a knowledge vector ``t``:
+    ``z = Linear(t)``, ``(a1, a2) = softmax(e·w, z·w)`` with one learned ``w``, ``e' = a1 e + a2 z``.
+
+    ``e`` may carry extra leading dimensions (e.g. every position of a sequence); ``t`` is
+    broadcast over them."""
+
+    def __init__(self, dim, knowledge_dim):
+        super().__init__()
+        self.project = nn.Linear(knowledge_dim, dim)
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def weights(self, e, z):
+        return torch.softmax(torch.cat([self.score(e), self.score(z)], dim=-1), dim=-1)
+
+    def forward(self, e, t):
+        z = self.project(t)
+        while z.dim() < e.dim():
+            z = z.unsqueeze(-2)
+        z = z.expand_as(e)
+        a = self.weights(e, z)
+        return a[..., :1] * e + a[..., 1:] * z
+
+
+class FusedEmbedding(nn.Module):
+    """An ID embedding table whose rows are fused with fixed knowledge vectors.
+
+    A drop-in for the ``nn.Embedding`` it wraps, in the two ways RecBole models use one: called
+    with ids, or read whole through ``.weight`` (graph propagation, full-sort scoring). Both give
+    the fused rows, so every path through the model, evaluation included, sees the knowledge.
+    The padding row stays zero. Knowledge rows beyond the table (e.g. BERT4Rec's mask token)
+    are zero."""
+
+    def __init__(self, embedding, knowledge):
+        super().__init__()
+        self.embedding = embedding
+        rows = torch.zeros(embedding.num_embeddings, knowledge.shape[1])
+        n = min(len(knowledge), embedding.num_embeddings)
+        rows[:n] = torch.as_tensor(knowledge[:n])
+        self.register_buffer("knowledge", rows, persistent=False)
+        self.fusion = AttentionFusion(embedding.embedding_dim, knowledge.shape[1])
+
+    @property
+    def num_embeddings(self):
+        return self.embedding.num_embeddings
+
+    @property
+    def embedding_dim(self):
+        return self.embedding.embedding_dim
+
+    @property
+    def padding_idx(self):
+        return self.embedding.padding_idx
+
+    def _fuse(self, rows, ids):
+        fused = self.fusion(rows, self.knowledge[ids])
+        if self.padding_idx is not None:
+            fused = fused.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0.0)
+        return fused
+
+    def forward(self, ids):
+        return self._fuse(self.embedding(ids), ids)
+
+    @property
+    def weight(self):
+        return self._fuse(self.embedding.weight, torch.arange(self.num_embeddings, device=self.knowledge.device))

@@ -10,15 +10,11 @@ import logging
 import os
 
 from recbole_llmk.knowledge.descriptions import Describer
-from recbole_llmk.knowledge.history import recent_histories, split_fingerprint, training_interactions
+from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 from recbole_llmk.knowledge.pipeline import KnowledgePlan, cache_dir, digest, ensure_store, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
 
 TECHNIQUE = "REKI"
-
-
-def _rating(value):
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class REKIPrompts:
@@ -37,33 +33,17 @@ class REKIPrompts:
         return digest([self.user_template.text, self.item_template.text, self.factors,
                        self.history_length, vars(self.hook)])
 
-    def history_text(self, rows, items):
-        template = self.hook.history_item_template if "rating" in rows else "{item}"
-        lines = []
-        for row in rows.itertuples(index=False):
-            values = {"item": items.get(row.item, f"{self.hook.item_noun} {row.item}")}
-            if "rating" in rows:
-                values["rating"] = _rating(row.rating)
-            lines.append("- " + template.format(**values))
-        return "\n".join(lines) or "(no history yet)"
-
     def requests(self, dataset, frame):
         """``{"user": [...], "item": [...]}`` for every user and item id of ``dataset``."""
         from recbole_llmk.knowledge.generation import Request
 
-        frame = self.describer.with_ratings(frame)
         items = self.describer.describe("item")
-        profiles = self.describer.describe("user")
-        histories = recent_histories(frame, self.history_length)
         common = {"user_noun": self.hook.user_noun, "item_noun": self.hook.item_noun, "factors": self.factors}
-        empty = frame.iloc[:0]
+        contexts = self.describer.user_contexts(frame, dataset.field2id_token[dataset.uid_field][1:], self.history_length)
         users = []
-        for token in dataset.field2id_token[dataset.uid_field][1:]:
-            profile = profiles.get(token) or f"a {self.hook.user_noun}"
-            history = self.history_text(histories.get(token, empty), items)
+        for token, (profile, history) in contexts.items():
             prompt = self.user_template.render(profile=profile, history=history, **common)
-            description = f"A {self.hook.user_noun} who is {profile}. Recent {self.hook.item_noun}s:\n{history}"
-            users.append(Request(f"user:{token}", prompt, description))
+            users.append(Request(f"user:{token}", prompt, self.describer.user_text(profile, history)))
         item_requests = []
         for token in dataset.field2id_token[dataset.iid_field][1:]:
             text = items.get(token) or f"{self.hook.item_noun} {token}"

@@ -1,0 +1,367 @@
+"""ReLand knowledge: LLM rationales for a few seed users, shared with everyone by retrieval.
+
+Reference: ReLand, Tian et al., "Integrating Large Language Models' Insights into Industrial
+Recommenders via a Controllable Reasoning Pool", RecSys 2024 (implemented by its authors on
+RecBole, not released). Sample representative and active *seed users*, ask the LLM
+for a step-by-step, recommendation-oriented rationale for each (the *reasoning pool*), and give
+every other user the rationale of its most similar seed by behaviour.
+
+Stages, each from the run's *training* split only:
+
+1. behaviour encoder (``train_behaviour_encoder``): a light RecBole model (LightGCN by default)
+   trained by RecBole's trainer on the same training split as the run (checked by fingerprint);
+   its user vectors M are saved next to the stores and reused.
+2. seed sampling (:class:`SeedSampler`): k-means clusters of M, then representativeness-aware and
+   importance-aware picks in turn until the pool reaches its size.
+3. rationales (``reland_cot`` prompt, Steps 0-2) through the shared generation pipeline; each
+   answer is parsed (:func:`parse_rationale`); Step 2 is the knowledge, Step 1 the explanation.
+4. retrieval (:func:`nearest_seeds`): every training user gets its nearest seed's rationale
+   (cosine of behaviour vectors); users without training interactions get the default vector.
+
+The store holds ``user`` (retrieved rationale) and ``item`` (item description, the "+f_item"
+side) vectors, plus ``reasoning_pool.jsonl`` (seed, behaviour vector, rationale, parse status)
+and ``explanations.tsv`` (each user's seed, similarity and Step 1 summary) for people to read.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from recbole_llmk.knowledge.descriptions import Describer
+from recbole_llmk.knowledge.history import (LeakageError, split_fingerprint, training_dataset,
+                                            training_interactions)
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
+from recbole_llmk.knowledge.prompts import PromptTemplate
+
+TECHNIQUE = "ReLand"
+STRATEGIES = ("adaptive", "uniform")
+
+
+# --- seed sampling --------------------------------------------------------------------------------
+def proportional_allocation(total, sizes):
+    """``total`` picks over groups in proportion to ``sizes`` (largest remainder), each group
+    first getting one pick when ``total`` allows it; never more than a group's size."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(min(total, sizes.sum()))
+    alloc = np.zeros(len(sizes), dtype=np.int64)
+    if total >= len(sizes):
+        alloc[:] = np.minimum(1, sizes)
+    while alloc.sum() < total:
+        room = sizes - alloc
+        left = total - alloc.sum()
+        share = left * room / room.sum()
+        step = np.minimum(np.floor(share).astype(np.int64), room)
+        if step.sum() == 0:  # hand out the remainder by largest fractional share
+            order = np.argsort(-(share - np.floor(share)), kind="stable")
+            step[order[:left]] = 1
+            step = np.minimum(step, room)
+        alloc += step
+    return alloc
+
+
+@dataclass
+class SeedSampler:
+    """ReLand's adaptive seed sampling over behaviour vectors.
+
+    ``n_seeds`` users are picked. ``adaptive``: k-means (faiss) into ``n_clusters`` groups, then
+    alternately (a) representativeness-aware picks, whose running total over clusters is
+    proportional to their sizes (each cluster first gets its user closest to the centre, then the
+    next-closest ones), and (b) importance-aware picks, users drawn without replacement with
+    probability proportional to their interaction counts; ``round_size`` picks per step
+    (default: the number of clusters). ``uniform``: a uniform random sample (the ablation).
+    Deterministic for ``seed``."""
+
+    n_seeds: int
+    n_clusters: int = 10
+    strategy: str = "adaptive"
+    round_size: int = None
+    seed: int = 0
+
+    def sample(self, vectors, counts):
+        """Indices of the seed users, in the order they were picked; also ``self.labels_`` and
+        ``self.centroids_`` (the k-means clusters) and ``self.how_`` (``representative`` or
+        ``important``, per seed)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        counts = np.asarray(counts, dtype=np.float64)
+        n = len(vectors)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"reland_sampling must be one of {STRATEGIES}, got '{self.strategy}'")
+        if not 1 <= self.n_seeds <= n:
+            raise ValueError(f"the reasoning pool needs between 1 and {n} seed users, got {self.n_seeds}")
+        rng = np.random.default_rng(self.seed)
+        if self.strategy == "uniform":
+            self.labels_ = np.zeros(n, dtype=np.int64)
+            self.how_ = ["uniform"] * self.n_seeds
+            return rng.choice(n, self.n_seeds, replace=False)
+        from recbole_llmk.knowledge.clustering import faiss_kmeans
+
+        labels, centroids = faiss_kmeans(vectors, self.n_clusters, seed=self.seed)
+        self.labels_, self.centroids_ = labels, centroids
+        clusters = [np.flatnonzero(labels == k) for k in range(len(centroids))]
+        by_closeness = [c[np.argsort(((vectors[c] - centroids[k]) ** 2).sum(1), kind="stable")]
+                        for k, c in enumerate(clusters)]
+        sizes = [len(c) for c in clusters]
+        step = int(self.round_size or len(clusters))
+        chosen, how = [], []
+        taken = np.zeros(n, dtype=bool)
+        rep_done = np.zeros(len(clusters), dtype=np.int64)  # representative picks per cluster
+        cursor = np.zeros(len(clusters), dtype=np.int64)
+        rep_total = 0
+        while len(chosen) < self.n_seeds:
+            rep_total += min(step, self.n_seeds - len(chosen))
+            for k, want in enumerate(proportional_allocation(rep_total, sizes)):
+                while rep_done[k] < want and cursor[k] < sizes[k] and len(chosen) < self.n_seeds:
+                    user = by_closeness[k][cursor[k]]
+                    cursor[k] += 1
+                    if not taken[user]:
+                        taken[user] = True
+                        chosen.append(user)
+                        how.append("representative")
+                        rep_done[k] += 1
+            draw = min(step, self.n_seeds - len(chosen), int((~taken).sum()))
+            if draw:
+                weights = np.where(taken, 0.0, np.maximum(counts, 1e-12))
+                for user in rng.choice(n, draw, replace=False, p=weights / weights.sum()):
+                    taken[user] = True
+                    chosen.append(user)
+                    how.append("important")
+        self.how_ = how
+        return np.asarray(chosen, dtype=np.int64)
+
+
+def pool_size(config, n_users):
+    """Seeds in the reasoning pool: ``reland_seed_count`` if set, else ``reland_seed_ratio`` of the users."""
+    if config["reland_seed_count"]:
+        return int(min(config["reland_seed_count"], n_users))
+    ratio = float(config["reland_seed_ratio"] if config["reland_seed_ratio"] is not None else 0.1)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"reland_seed_ratio must be in (0, 1], got {ratio}")
+    return max(1, math.ceil(ratio * n_users))
+
+
+# --- retrieval ------------------------------------------------------------------------------------
+def nearest_seeds(vectors, seed_rows):
+    """For every row of ``vectors``: (position in ``seed_rows`` of the most cosine-similar seed,
+    that similarity). faiss inner product over L2-normalised vectors."""
+    import faiss
+
+    unit = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+    faiss.normalize_L2(unit)
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit[np.asarray(seed_rows)])
+    similarity, position = index.search(unit, 1)
+    return position.ravel(), similarity.ravel()
+
+
+# --- rationales -----------------------------------------------------------------------------------
+STEP = re.compile(r"^[\s*#>_-]*step\s*([0-2])\b[\s*:.)_-]*", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Rationale:
+    summary: str          # Step 1: one-sentence preference summary
+    recommendation: str   # Step 2: recommended categories and items
+    ok: bool              # both steps found and non-empty
+
+
+def parse_rationale(text):
+    """Split a CoT answer into its steps. Tolerates markdown (``**Step 1:**``, ``### Step 2``),
+    any case, and text before Step 0/1. A step's text runs to the next step marker."""
+    marks = list(STEP.finditer(text or ""))
+    steps = {}
+    for mark, following in zip(marks, marks[1:] + [None]):
+        end = following.start() if following else len(text)
+        steps.setdefault(int(mark.group(1)), text[mark.end():end].strip())
+    summary, recommendation = steps.get(1, ""), steps.get(2, "")
+    return Rationale(summary, recommendation, bool(summary and recommendation))
+
+
+class ReLandPrompts:
+    """The recommendation-oriented CoT prompt of a seed user (profile + training history)."""
+
+    def __init__(self, config, describer=None):
+        self.describer = describer or Describer(config)
+        self.hook = self.describer.hook
+        self.template = PromptTemplate.load(config["reland_prompt"] or "reland_cot")
+        self.history_length = config["history_length"] or 15
+        self.step0 = bool(config["reland_step0"])
+
+    @property
+    def digest(self):
+        return digest([self.template.text, self.history_length, self.step0, vars(self.hook)])
+
+    def requests(self, frame, users):
+        from recbole_llmk.knowledge.generation import Request
+
+        noun, item = self.hook.user_noun, self.hook.item_noun
+        step0 = (f"Step 0: Condense the history into the main kinds of {item}s this {noun} engages with.\n"
+                 if self.step0 else "")
+        requests = []
+        for token, (profile, history) in self.describer.user_contexts(frame, users, self.history_length).items():
+            prompt = self.template.render(profile=profile, history=history, user_noun=noun, item_noun=item, step0=step0)
+            requests.append(Request(f"seed:{token}", prompt, self.describer.user_text(profile, history)))
+        return requests
+
+
+# --- behaviour encoder ----------------------------------------------------------------------------
+def behaviour_config(config):
+    """Config of the behaviour encoder: the run's dataset and split settings, the encoder's own
+    model defaults, ``reland_behaviour_config`` on top. The command line is not read again: the
+    run's ``--key=value`` options are meant for the run's model."""
+    from recbole.utils.argument_list import dataset_arguments
+
+    from recbole_llmk.config import LLMKConfig
+
+    class BehaviourConfig(LLMKConfig):
+        def _load_cmd_line(self):
+            return {}
+
+    carried = [*dataset_arguments, "seed", "reproducibility", "use_gpu", "gpu_id", "state", "show_progress",
+               "checkpoint_dir"]
+    values = {k: config[k] for k in carried if config[k] is not None}
+    values["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))  # RecBole appends the dataset
+    split = {k: config["eval_args"][k] for k in ("split", "order", "group_by") if k in config["eval_args"]}
+    values.update(eval_args=dict(split, mode="full"), epochs=config["reland_behaviour_epochs"] or 20,
+                  **(config["reland_behaviour_config"] or {}))
+    return BehaviourConfig(config["reland_behaviour_model"] or "LightGCN", config["dataset"], config_dict=values)
+
+
+def user_vectors(model):
+    """``[n_users, d]`` user vectors of a trained general RecBole model, by internal id."""
+    import inspect
+
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        if not inspect.signature(model.forward).parameters:  # graph models: forward() -> (users, items)
+            out = model.forward()
+            if isinstance(out, (tuple, list)) and out[0].shape[0] == model.n_users:
+                return out[0].float().cpu().numpy()
+        tables = [m.weight for name, m in model.named_children()
+                  if isinstance(m, torch.nn.Embedding) and "user" in name and m.num_embeddings == model.n_users]
+        if tables:
+            return torch.cat(tables, dim=1).float().cpu().numpy()
+    raise ValueError(f"reland_behaviour_model {type(model).__name__} exposes no user vectors "
+                     "(use LightGCN, NGCF, BPR, NeuMF or another model with a user embedding table)")
+
+
+def train_behaviour_encoder(config, frame):
+    """``(user tokens, vectors)`` of the behaviour encoder trained on ``frame``'s split, built once
+    and cached under ``knowledge_dir``."""
+    from recbole.utils import init_seed
+
+    from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
+
+    b_config = behaviour_config(config)
+    fingerprint = split_fingerprint(frame)
+    key = digest([fingerprint, b_config["model"], b_config["epochs"], b_config["embedding_size"],
+                  b_config["seed"], config["reland_behaviour_config"]])
+    path = os.path.join(config["knowledge_dir"] or "saved/knowledge", config["dataset"],
+                        f"behaviour-{b_config['model']}-{key}.npz")
+    logger = logging.getLogger()
+    if os.path.isfile(path):
+        saved = np.load(path, allow_pickle=False)
+        logger.info(f"behaviour vectors from {path}")
+        return list(saved["tokens"]), saved["vectors"]
+    init_seed(b_config["seed"], b_config["reproducibility"])
+    dataset = create_dataset(b_config)
+    train_data, _, _ = data_preparation(b_config, dataset)
+    if split_fingerprint(training_interactions(training_dataset(train_data))) != fingerprint:
+        raise LeakageError(
+            f"the behaviour encoder {b_config['model']} would train on another split than the run "
+            f"(eval_args {b_config['eval_args']}): set eval_args split/order/group_by explicitly in your yaml")
+    init_seed(b_config["seed"], b_config["reproducibility"])
+    model = b_config.model_class(b_config, train_data._dataset).to(b_config["device"])
+    logger.info(f"training the behaviour encoder {b_config['model']} for {b_config['epochs']} epochs "
+                "on the training split")
+    get_trainer(b_config)(b_config, model).fit(train_data, None, saved=False, show_progress=b_config["show_progress"])
+    vectors = user_vectors(model)[1:]
+    tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field][1:]]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[:-4] + ".partial.npz"
+    np.savez(tmp, tokens=np.array(tokens), vectors=vectors)
+    os.replace(tmp, path)
+    return tokens, vectors
+
+
+# --- the plan -------------------------------------------------------------------------------------
+def sampler_from(config, n_users):
+    return SeedSampler(pool_size(config, n_users), n_clusters=config["reland_n_clusters"] or 10,
+                       strategy=config["reland_sampling"] or "adaptive", round_size=config["reland_round_size"],
+                       seed=config["reland_seed"] if config["reland_seed"] is not None else config["seed"])
+
+
+def reland_requests(config, dataset):
+    """Store settings and knowledge plan of ReLand for the training dataset ``dataset``."""
+    frame = training_interactions(dataset)
+    prompts = ReLandPrompts(config)
+    settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
+    settings["pool"] = digest({k: config[k] for k in (
+        "reland_seed_ratio", "reland_seed_count", "reland_n_clusters", "reland_sampling", "reland_round_size",
+        "reland_seed", "reland_behaviour_model", "reland_behaviour_epochs", "reland_behaviour_config")}
+        | {"seed": config["seed"]})
+    return settings, lambda: reland_plan(config, dataset, frame, prompts)
+
+
+def reland_plan(config, dataset, frame, prompts):
+    tokens, vectors = train_behaviour_encoder(config, frame)
+    active = frame["user"].value_counts()
+    row_of = {t: r for r, t in enumerate(tokens)}
+    users = [u for u in active.index if u in row_of]  # users with training interactions only
+    users.sort(key=lambda u: row_of[u])
+    M = vectors[[row_of[u] for u in users]]
+    sampler = sampler_from(config, len(users))
+    seeds = sampler.sample(M, active[users].to_numpy())
+    position, similarity = nearest_seeds(M, seeds)
+    seed_tokens = [users[s] for s in seeds]
+    logging.getLogger().info(
+        f"ReLand reasoning pool: {len(seeds)} seed users of {len(users)} ({100 * len(seeds) / len(users):.1f} %), "
+        f"{sampler.strategy} sampling; {sum(h == 'representative' for h in sampler.how_)} representative, "
+        f"{sum(h == 'important' for h in sampler.how_)} by activity")
+    requests = prompts.requests(frame, seed_tokens)
+    items = prompts.describer.describe("item")
+    item_tokens = list(dataset.field2id_token[dataset.iid_field][1:])
+    texts = {f"item:{i}": items.get(i) or f"{prompts.hook.item_noun} {i}" for i in item_tokens}
+    layout = {"user": {u: f"seed:{seed_tokens[p]}" for u, p in zip(users, position)},
+              "item": {i: f"item:{i}" for i in item_tokens}}
+    pool = {"seeds": seed_tokens, "how": sampler.how_, "vectors": M[seeds], "users": users,
+            "position": position, "similarity": similarity, "llm": (config["llm_backend"] or "none") != "none"}
+    return KnowledgePlan(requests, layout, texts, postprocess=lambda answers: pool_files(answers, pool))
+
+
+def pool_files(answers, pool):
+    """Parse the seed rationales; keep Step 2 as the knowledge; write the pool and explanations.
+
+    With the ``none`` backend the "rationale" is the seed's own history description, kept whole."""
+    logger = logging.getLogger()
+    parsed, malformed = {}, []
+    for seed in pool["seeds"]:
+        answer = answers[f"seed:{seed}"]
+        parsed[seed] = parse_rationale(answer) if pool["llm"] else Rationale(answer, answer, True)
+        if not parsed[seed].ok:
+            malformed.append(seed)
+    if malformed:
+        logger.warning(f"{len(malformed)} of {len(parsed)} rationales lack a Step 1 or Step 2 (e.g. seed "
+                       f"{malformed[0]}); their whole answer is used as the knowledge. See reasoning_pool.jsonl")
+    knowledge = {f"seed:{s}": (r.recommendation if r.ok else answers[f"seed:{s}"].strip()) for s, r in parsed.items()}
+    pool_lines = [json.dumps({"seed": s, "picked_as": how, "behaviour_vector": [round(float(x), 6) for x in vec],
+                              "rationale": answers[f"seed:{s}"], "step1": parsed[s].summary,
+                              "step2": parsed[s].recommendation, "parsed": parsed[s].ok}, ensure_ascii=False)
+                  for s, how, vec in zip(pool["seeds"], pool["how"], pool["vectors"])]
+    explanation = ["user\tseed_user\tsimilarity\tsummary"]
+    for user, p, sim in zip(pool["users"], pool["position"], pool["similarity"]):
+        seed = pool["seeds"][p]
+        summary = " ".join((parsed[seed].summary or knowledge[f"seed:{seed}"]).split())
+        explanation.append(f"{user}\t{seed}\t{sim:.4f}\t{summary}")
+    files = {"reasoning_pool.jsonl": "\n".join(pool_lines) + "\n", "explanations.tsv": "\n".join(explanation) + "\n"}
+    return {**answers, **knowledge}, files
+
+
+def build_reland_knowledge(config, train_data):
+    return ensure_store(config, *reland_requests(config, training_dataset(train_data)))

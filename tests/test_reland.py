@@ -1,0 +1,221 @@
+"""ReLand: seed sampling, retrieval, rationale parsing, fusion, and every `<Base>_ReLand` end to end."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recbole_llmk.knowledge.history import LeakageError, training_dataset, training_interactions
+from recbole_llmk.knowledge.store import KnowledgeStore
+from recbole_llmk.model.layers import AttentionFusion, FusedEmbedding
+from recbole_llmk.quick_start import prepare, run_recbole_llmk
+from recbole_llmk.techniques.reland import (SeedSampler, nearest_seeds, parse_rationale, proportional_allocation,
+                                            reland_requests, train_behaviour_encoder)
+from recbole_llmk.utils import get_model
+
+
+def blobs(sizes, dim=4, seed=0):
+    """Well-separated Gaussian clusters of the given sizes, and each point's cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), dim)) * 20
+    points = np.concatenate([c + rng.normal(size=(n, dim)) for c, n in zip(centres, sizes)])
+    return points.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
+
+
+# --- seed sampling ---------------------------------------------------------------------------------
+def test_proportional_allocation():
+    assert proportional_allocation(10, [50, 30, 20]).tolist() == [5, 3, 2]
+    assert proportional_allocation(4, [90, 5, 5]).tolist() == [2, 1, 1]  # every cluster first gets one
+    assert proportional_allocation(9, [2, 3, 100]).tolist()[:2] == [1, 1]
+    assert proportional_allocation(50, [2, 3, 4]).tolist() == [2, 3, 4]  # never more than a cluster has
+
+
+def test_seed_sampling_size_and_reproducibility():
+    points, _ = blobs([60, 30, 10])
+    counts = np.arange(1, 101)
+    first = SeedSampler(17, n_clusters=3, seed=1).sample(points, counts)
+    assert len(first) == 17 and len(set(first.tolist())) == 17
+    assert np.array_equal(first, SeedSampler(17, n_clusters=3, seed=1).sample(points, counts))
+    assert not np.array_equal(first, SeedSampler(17, n_clusters=3, seed=2).sample(points, counts))
+    assert len(SeedSampler(100, n_clusters=3).sample(points, counts)) == 100  # everybody
+    with pytest.raises(ValueError, match="between 1 and 100"):
+        SeedSampler(101).sample(points, counts)
+
+
+def test_representative_picks_cover_every_cluster_in_proportion():
+    sizes = [120, 60, 15, 5]
+    points, _ = blobs(sizes)
+    sampler = SeedSampler(40, n_clusters=4, seed=0)
+    seeds = sampler.sample(points, np.ones(len(points)))
+    representative = seeds[np.array(sampler.how_) == "representative"]
+    labels = sampler.labels_
+    per_cluster = np.bincount(labels[representative], minlength=4)
+    assert (per_cluster >= 1).all()  # every cluster is represented
+    expected = len(representative) * np.bincount(labels, minlength=4) / len(labels)
+    assert np.abs(per_cluster - expected).max() <= 1.5
+    # a cluster's first pick is the user closest to its centre
+    for k, centre in enumerate(sampler.centroids_):
+        members = np.flatnonzero(labels == k)
+        closest = members[np.argmin(((points[members] - centre) ** 2).sum(1))]
+        assert closest in representative
+
+
+def test_importance_sampling_favours_active_users():
+    points, _ = blobs([100, 100])
+    counts = np.random.default_rng(0).pareto(1.5, size=200) * 10 + 1
+    adaptive = SeedSampler(40, n_clusters=2, seed=0)
+    seeds = adaptive.sample(points, counts)
+    important = seeds[np.array(adaptive.how_) == "important"]
+    uniform = SeedSampler(40, strategy="uniform", seed=0).sample(points, counts)
+    assert counts[important].mean() > 2 * counts.mean()
+    assert counts[important].mean() > counts[uniform].mean()
+
+
+def test_retrieval_returns_the_nearest_seed_by_cosine():
+    vectors = np.array([[1, 0], [0, 1], [9, 1], [1, 9], [-1, 0], [0.2, -1]], dtype=np.float32)
+    position, similarity = nearest_seeds(vectors, [0, 1])
+    assert position.tolist() == [0, 1, 0, 1, 1, 0]  # [-1, 0]: cos -1 vs 0; [0.2, -1]: cos 0.196 vs -0.98
+    assert similarity[0] == pytest.approx(1.0) and similarity[2] == pytest.approx(9 / np.sqrt(82), rel=1e-5)
+
+
+# --- rationales ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("answer", [
+    "Step 1: Loves dramas.\nStep 2: More dramas, e.g. Title3.",
+    "Sure! Here you go.\n**Step 1:** Loves dramas.\n\n**Step 2:** More dramas, e.g. Title3.",
+    "### STEP 0 - history\nmany dramas\n### step 1. Loves dramas.\n### Step 2) More dramas, e.g. Title3.",
+])
+def test_rationale_parsing_tolerates_formats(answer):
+    parsed = parse_rationale(answer)
+    assert parsed.ok and parsed.summary == "Loves dramas." and parsed.recommendation == "More dramas, e.g. Title3."
+
+
+@pytest.mark.parametrize("answer", ["I cannot help with that.", "Step 1: only a summary", "Step 2:\nStep 1: x", ""])
+def test_malformed_rationales_are_flagged(answer):
+    assert not parse_rationale(answer).ok
+
+
+# --- fusion ----------------------------------------------------------------------------------------
+def test_attention_fusion_is_a_convex_combination():
+    torch.manual_seed(0)
+    fusion = AttentionFusion(8, 5)
+    e, t = torch.randn(6, 8), torch.randn(6, 5)
+    z = fusion.project(t)
+    a = fusion.weights(e, z)
+    assert torch.allclose(a.sum(-1), torch.ones(6)) and (a > 0).all()
+    assert torch.allclose(fusion(e, t), a[:, :1] * e + a[:, 1:] * z)
+    sequence = torch.randn(6, 3, 8)  # every position of a sequence gets the user's vector
+    assert torch.allclose(fusion(sequence, t)[:, 1], fusion(sequence[:, 1], t))
+
+
+def test_fused_embedding_lookup_equals_weight_rows_and_keeps_padding_zero():
+    torch.manual_seed(0)
+    table = FusedEmbedding(torch.nn.Embedding(7, 4, padding_idx=0), np.random.rand(6, 3).astype(np.float32))
+    ids = torch.tensor([[0, 3, 6], [5, 1, 0]])
+    assert torch.allclose(table(ids), table.weight[ids])
+    assert table.weight[0].abs().sum() == 0 and table.knowledge[6].abs().sum() == 0  # row 6: beyond the knowledge
+
+
+# --- end to end --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shared_knowledge(tmp_path_factory):
+    """One knowledge folder for the module: runs on the same split reuse the behaviour vectors and store."""
+    return str(tmp_path_factory.mktemp("reland_knowledge"))
+
+
+@pytest.fixture
+def reland_config(tiny_config, shared_knowledge):
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    config.update(knowledge_dir=shared_knowledge, metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10",
+                  reland_behaviour_epochs=1, reland_behaviour_config={"embedding_size": 8},
+                  reland_seed_ratio=0.2, reland_n_clusters=3, hidden_size=8, inner_size=16, n_layers=1, n_heads=1)
+    return config
+
+
+MODELS = ["BPR", "NeuMF", "NGCF", "LightGCN", "GRU4Rec", "SASRec", "BERT4Rec", "NARM"]
+SEQUENTIAL = {"GRU4Rec", "SASRec", "BERT4Rec", "NARM"}
+
+
+def for_model(config, base):
+    """RecBole 1.2.1's sequential models train with CE over all items: no negative sampling."""
+    return dict(config, train_neg_sample_args=None) if base in SEQUENTIAL else config
+
+
+@pytest.mark.parametrize("base", MODELS)
+def test_every_reland_variant_trains_and_full_sort_evaluates(reland_config, base):
+    result = run_recbole_llmk(f"{base}_ReLand", "tiny", config_dict=for_model(reland_config, base))
+    assert set(result["test_result"]) == {"hit@10", "ndcg@10"}
+    model = result["model"]
+    fused = [name for name, m in model.named_children() if isinstance(m, FusedEmbedding)]
+    assert any("item" in name for name in fused)
+    assert any("user" in name for name in fused) or model.user_fusion is not None
+    store = KnowledgeStore.open(result["knowledge_store"])
+    assert store.meta["technique"] == "ReLand" and store.meta["generation"]["requested"] == 6  # 20 % of 30 users
+
+
+def test_ablations_and_unsupported_models(reland_config):
+    f_item = run_recbole_llmk("SASRec_ReLand", "tiny", config_dict=dict(
+        for_model(reland_config, "SASRec"), reland_user_rationale=False))
+    assert f_item["model"].user_fusion is None and isinstance(f_item["model"].item_embedding, FusedEmbedding)
+    id_only = run_recbole_llmk("BPR_ReLand", "tiny", config_dict=dict(reland_config, reland_user_rationale=False,
+                                                                        reland_item_text=False))
+    assert id_only["knowledge_store"] is None and isinstance(id_only["model"].user_embedding, torch.nn.Embedding)
+    with pytest.raises(ValueError, match="FISM_ReLand is not supported"):
+        get_model("FISM_ReLand")
+    with pytest.raises(ValueError, match="general and sequential"):
+        get_model("DeepFM_ReLand")
+
+
+def items_in(text):
+    return {m for m in re.findall(r"Title(\d+)", text)}
+
+
+@pytest.mark.parametrize("base", ["BPR", "SASRec"])  # a random split and a leave-one-out split
+def test_no_valid_or_test_item_reaches_a_seed_prompt(reland_config, base):
+    config, dataset, train_data, valid_data, test_data = prepare(f"{base}_ReLand", "tiny", config_dict=for_model(reland_config, base))
+    train = training_interactions(training_dataset(train_data))
+    _, make_plan = reland_requests(config, training_dataset(train_data))
+    plan = make_plan()
+    assert plan.requests
+    for request in plan.requests:
+        user = request.key.split(":", 1)[1]
+        shown = items_in(request.prompt)
+        assert shown and shown <= set(train.loc[train["user"] == user, "item"])
+
+
+def test_behaviour_encoder_refuses_another_split(reland_config):
+    config, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=reland_config)
+    frame = training_interactions(training_dataset(train_data))
+    extra = pd.DataFrame({"user": ["1"], "item": ["999"]})
+    with pytest.raises(LeakageError, match="another split"):
+        train_behaviour_encoder(config, pd.concat([frame, extra]))
+
+
+def test_recorded_rationales_fill_the_pool_and_explanations(reland_config, workdir):
+    config, _, train_data, _, _ = prepare("LightGCN_ReLand", "tiny", config_dict=reland_config)
+    requests = reland_requests(config, training_dataset(train_data))[1]().requests
+    recording = workdir / "rationales.jsonl"
+    with open(recording, "w") as f:
+        for number, request in enumerate(requests):
+            seed = request.key.split(":", 1)[1]
+            answer = (f"**Step 1:** User {seed} likes genre {number}.\n**Step 2:** Recommend Title{number}."
+                      if number else "I am not sure.")  # the first one is malformed
+            f.write(json.dumps({"prompt": request.prompt, "response": answer}) + "\n")
+    result = run_recbole_llmk("LightGCN_ReLand", "tiny", config_dict=dict(
+        reland_config, knowledge_dir=str(workdir / "k"), llm_backend="replay", llm_replay_file=str(recording)))
+    store = KnowledgeStore.open(result["knowledge_store"])
+    pool = [json.loads(line) for line in open(os.path.join(store.path, "reasoning_pool.jsonl"))]
+    assert len(pool) == len(requests) == 6 and [p["parsed"] for p in pool].count(False) == 1
+    user_texts = set(store.texts("user").values())
+    assert {f"Recommend Title{n}." for n in range(1, 6)} <= user_texts  # Step 2 is the knowledge
+    assert "I am not sure." in user_texts  # a malformed answer is kept whole, not dropped
+    explanations = pd.read_csv(os.path.join(store.path, "explanations.tsv"), sep="\t", dtype=str)
+    assert len(explanations) == len(store.texts("user"))
+    seeds = {p["seed"] for p in pool}
+    assert set(explanations["seed_user"]) <= seeds
+    own = explanations[explanations["user"].isin(seeds)]
+    assert (own["user"] == own["seed_user"]).all()  # a seed retrieves itself
+    assert explanations["summary"].str.contains("likes genre").any()
