@@ -122,20 +122,23 @@ def run_cell(model, dataset, config, label=None):
 
 
 def inference_ms(model, data, repeats=3):
-    """Mean milliseconds of ``model.predict`` per evaluation batch (best of ``repeats`` passes)."""
+    """Mean milliseconds per evaluation batch (best of ``repeats`` passes) of what RecBole's
+    evaluator calls: ``full_sort_predict`` for full-sort loaders, else ``predict``."""
     import torch
+    from recbole.data.dataloader import FullSortEvalDataLoader
 
     model.eval()
+    score = model.full_sort_predict if isinstance(data, FullSortEvalDataLoader) else model.predict
     batches = [batch[0].to(model.device) for batch in data]
     best = float("inf")
     with torch.no_grad():
-        model.predict(batches[0])  # warm-up
+        score(batches[0])  # warm-up
         for _ in range(repeats):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             begin = time.perf_counter()
             for batch in batches:
-                model.predict(batch)
+                score(batch)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             best = min(best, (time.perf_counter() - begin) / len(batches))

@@ -77,7 +77,7 @@ def test_importance_sampling_favours_active_users():
 
 def test_retrieval_returns_the_nearest_seed_by_cosine():
     vectors = np.array([[1, 0], [0, 1], [9, 1], [1, 9], [-1, 0], [0.2, -1]], dtype=np.float32)
-    position, similarity = nearest_seeds(vectors, [0, 1])
+    position, similarity = nearest_seeds(vectors, vectors[[0, 1]])
     assert position.tolist() == [0, 1, 0, 1, 1, 0]  # [-1, 0]: cos -1 vs 0; [0.2, -1]: cos 0.196 vs -0.98
     assert similarity[0] == pytest.approx(1.0) and similarity[2] == pytest.approx(9 / np.sqrt(82), rel=1e-5)
 
@@ -219,3 +219,27 @@ def test_recorded_rationales_fill_the_pool_and_explanations(reland_config, workd
     own = explanations[explanations["user"].isin(seeds)]
     assert (own["user"] == own["seed_user"]).all()  # a seed retrieves itself
     assert explanations["summary"].str.contains("likes genre").any()
+
+
+RELEASE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "shared", "data", "reki", "ml-1m", "proc_data", "group_data")
+
+
+@pytest.mark.skipif(not os.path.isdir(RELEASE), reason="../shared/data (the REKI release) is absent")
+def test_released_user_clusters_form_a_real_reasoning_pool(reland_config, workdir):
+    """The tiny dataset's users 1..30 read as ML-1M user ids: each of their liked-items clusters is a seed."""
+    from recbole_llmk.techniques.reki import load_release
+
+    config = dict(reland_config, knowledge_dir=str(workdir / "k"), reland_pool_source="released",
+                  reki_release_path=RELEASE, reki_release_match="id")
+    result = run_recbole_llmk("LightGCN_ReLand", "tiny", config_dict=config)
+    store = KnowledgeStore.open(result["knowledge_store"])
+    release = load_release(store.meta | {"reki_release_path": RELEASE, "reki_release_movies": None})
+    clusters = {release.user_clusters[str(u)][0] for u in range(1, 31)}
+    pool = [json.loads(line) for line in open(os.path.join(store.path, "reasoning_pool.jsonl"))]
+    assert {p["seed"] for p in pool} == {f"positive-cluster-{c}" for c in clusters}
+    assert store.meta["generation"]["requested"] == len(clusters) and store.meta["generation"]["called"] == 0
+    assert store.meta["llm_backend"] == "replay" and "gpt-3.5" in store.meta["llm_model"]
+    released = {release.texts[("positive", c)] for c in clusters}
+    assert set(store.texts("user").values()) <= released  # real gpt-3.5 text, whole
+    assert set(result["test_result"]) == {"hit@10", "ndcg@10"}

@@ -90,23 +90,13 @@ def released_plan(config, dataset, frame, prompts, release):
     title and year; users by ML-1M id, or by the overlap of their *training* likes and dislikes
     with each cluster's representative items. Released answers are replayed, never regenerated."""
     from recbole_llmk.knowledge.generation import Request
-    from recbole_llmk.techniques.reki_release import (assign_users_by_overlap, item_clusters_for,
-                                                      match_items_by_title, read_recbole_titles)
+    from recbole_llmk.techniques.reki_release import item_clusters_for
 
-    by_id = (config["reki_release_match"] or "title") == "id"
     items = list(dataset.field2id_token[dataset.iid_field][1:])
     users = list(dataset.field2id_token[dataset.uid_field][1:])
-    if by_id:
-        to_ml1m = {t: t for t in items}
-    else:
-        title, year = config["reki_release_title_fields"] or ["movie_title", "release_year"]
-        titles = read_recbole_titles(prompts.describer._atomic_path("item"), title, year)
-        to_ml1m = match_items_by_title(release.movies_dat, titles)
+    to_ml1m = items_to_release(config, items, prompts.describer, release)
     item_cluster = item_clusters_for(to_ml1m, release)
-    if by_id:
-        user_clusters = {u: release.user_clusters.get(u, (None, None)) for u in users}
-    else:
-        user_clusters = assign_users_by_overlap(release, liked_and_disliked(frame, prompts, to_ml1m, config))
+    user_clusters = released_user_clusters(config, users, frame, prompts.describer, release, to_ml1m)
     replay = os.path.join(cache_dir(config), f"release-{digest(os.path.abspath(release.root))}.jsonl")
     release.write_replay_file(replay)
     requests = [Request(f"{kind}-cluster:{cluster}", release.prompts[(kind, cluster)], "")
@@ -129,9 +119,30 @@ def released_plan(config, dataset, frame, prompts, release):
                                                                   "llm_model": release.model})
 
 
-def liked_and_disliked(frame, prompts, to_ml1m, config):
+def items_to_release(config, items, describer, release):
+    """{item token: ML-1M movie id} by id (``reki_release_match: id``) or by title and year."""
+    from recbole_llmk.techniques.reki_release import match_items_by_title, read_recbole_titles
+
+    if (config["reki_release_match"] or "title") == "id":
+        return {t: t for t in items}
+    title, year = config["reki_release_title_fields"] or ["movie_title", "release_year"]
+    return match_items_by_title(release.movies_dat, read_recbole_titles(describer._atomic_path("item"), title, year))
+
+
+def released_user_clusters(config, users, frame, describer, release, to_ml1m):
+    """{user token: (liked cluster, disliked cluster)}: by ML-1M user id (``reki_release_match:
+    id``), or by the overlap of the user's *training* likes and dislikes with each cluster's
+    representative items."""
+    from recbole_llmk.techniques.reki_release import assign_users_by_overlap
+
+    if (config["reki_release_match"] or "title") == "id":
+        return {u: release.user_clusters.get(u, (None, None)) for u in users}
+    return assign_users_by_overlap(release, liked_and_disliked(frame, describer, to_ml1m, config))
+
+
+def liked_and_disliked(frame, describer, to_ml1m, config):
     """{user: (liked ML-1M ids, disliked ML-1M ids)} from training interactions and their ratings."""
-    frame = prompts.describer.with_ratings(frame)
+    frame = describer.with_ratings(frame)
     if "rating" not in frame:
         raise ValueError("reki_release_match=title assigns users by liked/disliked items, which needs ratings")
     threshold = config["reki_like_threshold"] or 4

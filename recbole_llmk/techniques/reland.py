@@ -18,6 +18,12 @@ Stages, each from the run's *training* split only:
 4. retrieval (:func:`nearest_seeds`): every training user gets its nearest seed's rationale
    (cosine of behaviour vectors); users without training interactions get the default vector.
 
+``reland_pool_source: released`` replaces stages 2-3 by released cluster knowledge (the REKI
+authors' gpt-3.5 answers for liked-items user clusters of MovieLens-1M): each cluster is a seed
+(:func:`released_pool`). Those answers were written by their authors from their own split of
+ML-1M, so, unlike everything built here, their text is not guaranteed to come from this run's
+training split; the retrieval that assigns them uses the training split only.
+
 The store holds ``user`` (retrieved rationale) and ``item`` (item description, the "+f_item"
 side) vectors, plus ``reasoning_pool.jsonl`` (seed, behaviour vector, rationale, parse status)
 and ``explanations.tsv`` (each user's seed, similarity and Step 1 summary) for people to read.
@@ -145,16 +151,19 @@ def pool_size(config, n_users):
 
 
 # --- retrieval ------------------------------------------------------------------------------------
-def nearest_seeds(vectors, seed_rows):
-    """For every row of ``vectors``: (position in ``seed_rows`` of the most cosine-similar seed,
+def nearest_seeds(vectors, seed_vectors):
+    """For every row of ``vectors``: (row of ``seed_vectors`` with the highest cosine similarity,
     that similarity). faiss inner product over L2-normalised vectors."""
     import faiss
 
-    unit = np.ascontiguousarray(vectors, dtype=np.float32).copy()
-    faiss.normalize_L2(unit)
-    index = faiss.IndexFlatIP(unit.shape[1])
-    index.add(unit[np.asarray(seed_rows)])
-    similarity, position = index.search(unit, 1)
+    def unit(x):
+        x = np.ascontiguousarray(x, dtype=np.float32).copy()
+        faiss.normalize_L2(x)
+        return x
+
+    index = faiss.IndexFlatIP(np.shape(seed_vectors)[1])
+    index.add(unit(seed_vectors))
+    similarity, position = index.search(unit(vectors), 1)
     return position.ravel(), similarity.ravel()
 
 
@@ -297,53 +306,110 @@ def sampler_from(config, n_users):
                        seed=config["reland_seed"] if config["reland_seed"] is not None else config["seed"])
 
 
+POOL_SOURCES = ("sampled", "released")
+
+
 def reland_requests(config, dataset):
     """Store settings and knowledge plan of ReLand for the training dataset ``dataset``."""
     frame = training_interactions(dataset)
     prompts = ReLandPrompts(config)
+    source = config["reland_pool_source"] or "sampled"
+    if source not in POOL_SOURCES:
+        raise ValueError(f"reland_pool_source must be one of {POOL_SOURCES}, got '{source}'")
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
     settings["pool"] = digest({k: config[k] for k in (
         "reland_seed_ratio", "reland_seed_count", "reland_n_clusters", "reland_sampling", "reland_round_size",
-        "reland_seed", "reland_behaviour_model", "reland_behaviour_epochs", "reland_behaviour_config")}
-        | {"seed": config["seed"]})
-    return settings, lambda: reland_plan(config, dataset, frame, prompts)
+        "reland_seed", "reland_behaviour_model", "reland_behaviour_epochs", "reland_behaviour_config",
+        "reland_pool_source")} | {"seed": config["seed"]})
+    if source == "released":
+        from recbole_llmk.techniques.reki import load_release
+
+        release = load_release(config)
+        settings.update(llm_backend="replay", llm_model=release.model, pool_source=source,
+                        release=digest([os.path.abspath(release.root), config["reki_release_match"],
+                                        config["reki_like_threshold"]]))
+    return settings, lambda: reland_plan(config, dataset, frame, prompts, source)
 
 
-def reland_plan(config, dataset, frame, prompts):
-    tokens, vectors = train_behaviour_encoder(config, frame)
-    active = frame["user"].value_counts()
-    row_of = {t: r for r, t in enumerate(tokens)}
-    users = [u for u in active.index if u in row_of]  # users with training interactions only
-    users.sort(key=lambda u: row_of[u])
-    M = vectors[[row_of[u] for u in users]]
+def sampled_pool(config, frame, prompts, users, M, counts):
+    """Seeds sampled from this run's users (:class:`SeedSampler`), one CoT prompt each."""
     sampler = sampler_from(config, len(users))
-    seeds = sampler.sample(M, active[users].to_numpy())
-    position, similarity = nearest_seeds(M, seeds)
-    seed_tokens = [users[s] for s in seeds]
+    rows = sampler.sample(M, counts)
+    seeds = [users[r] for r in rows]
     logging.getLogger().info(
         f"ReLand reasoning pool: {len(seeds)} seed users of {len(users)} ({100 * len(seeds) / len(users):.1f} %), "
         f"{sampler.strategy} sampling; {sum(h == 'representative' for h in sampler.how_)} representative, "
         f"{sum(h == 'important' for h in sampler.how_)} by activity")
-    requests = prompts.requests(frame, seed_tokens)
+    return {"seeds": seeds, "how": sampler.how_, "vectors": M[rows], "requests": prompts.requests(frame, seeds),
+            "parse": (config["llm_backend"] or "none") != "none", "backend": None}
+
+
+def released_pool(config, dataset, frame, prompts, users, M):
+    """Seeds from released cluster knowledge (the REKI release's liked-items user clusters): each
+    cluster with a member among this run's training users is one seed, its behaviour vector the
+    mean of its members' vectors, its rationale the released completion (replayed, never
+    regenerated; kept whole: it is a preference analysis, not a Step 1/Step 2 answer). Members by
+    ML-1M user id or by training-history overlap (``reki_release_match``, see ``techniques.reki``)."""
+    from recbole_llmk.knowledge.generation import Request
+    from recbole_llmk.knowledge.pipeline import cache_dir
+    from recbole_llmk.techniques.reki import items_to_release, load_release, released_user_clusters
+
+    release = load_release(config)
+    items = list(dataset.field2id_token[dataset.iid_field][1:])
+    to_release = items_to_release(config, items, prompts.describer, release)
+    clusters = released_user_clusters(config, users, frame, prompts.describer, release, to_release)
+    members = {}
+    for row, user in enumerate(users):
+        liked = (clusters.get(user) or (None, None))[0]
+        if liked is not None:
+            members.setdefault(liked, []).append(row)
+    if not members:
+        raise ValueError(f"no training user of {config['dataset']} joins a released user cluster")
+    ids = sorted(members)
+    replay = os.path.join(cache_dir(config), f"release-{digest(os.path.abspath(release.root))}.jsonl")
+    release.write_replay_file(replay)
+    seeds = [f"positive-cluster-{c}" for c in ids]
+    logging.getLogger().info(
+        f"ReLand reasoning pool from {release.model} released clusters: {len(ids)} liked-items clusters with "
+        f"{sum(map(len, members.values()))} of {len(users)} training users as members")
+    return {"seeds": seeds, "how": ["released cluster"] * len(ids),
+            "vectors": np.stack([M[members[c]].mean(0) for c in ids]),
+            "requests": [Request(f"seed:{s}", release.prompts[("positive", c)], "") for s, c in zip(seeds, ids)],
+            "parse": False,
+            "backend": {"llm_backend": "replay", "llm_replay_file": replay, "llm_model": release.model}}
+
+
+def reland_plan(config, dataset, frame, prompts, source="sampled"):
+    tokens, vectors = train_behaviour_encoder(config, frame)
+    active = frame["user"].value_counts()
+    row_of = {t: r for r, t in enumerate(tokens)}
+    users = sorted((u for u in active.index if u in row_of), key=row_of.get)  # training users only
+    M = vectors[[row_of[u] for u in users]]
+    if source == "released":
+        pool = released_pool(config, dataset, frame, prompts, users, M)
+    else:
+        pool = sampled_pool(config, frame, prompts, users, M, active[users].to_numpy())
+    position, similarity = nearest_seeds(M, pool["vectors"])
     items = prompts.describer.describe("item")
     item_tokens = list(dataset.field2id_token[dataset.iid_field][1:])
     texts = {f"item:{i}": items.get(i) or f"{prompts.hook.item_noun} {i}" for i in item_tokens}
-    layout = {"user": {u: f"seed:{seed_tokens[p]}" for u, p in zip(users, position)},
+    layout = {"user": {u: f"seed:{pool['seeds'][p]}" for u, p in zip(users, position)},
               "item": {i: f"item:{i}" for i in item_tokens}}
-    pool = {"seeds": seed_tokens, "how": sampler.how_, "vectors": M[seeds], "users": users,
-            "position": position, "similarity": similarity, "llm": (config["llm_backend"] or "none") != "none"}
-    return KnowledgePlan(requests, layout, texts, postprocess=lambda answers: pool_files(answers, pool))
+    pool.update(users=users, position=position, similarity=similarity)
+    return KnowledgePlan(pool["requests"], layout, texts, backend=pool["backend"],
+                         postprocess=lambda answers: pool_files(answers, pool))
 
 
 def pool_files(answers, pool):
     """Parse the seed rationales; keep Step 2 as the knowledge; write the pool and explanations.
 
-    With the ``none`` backend the "rationale" is the seed's own history description, kept whole."""
+    Unparsed (kept whole): with the ``none`` backend, the seed's own history description; with a
+    released pool, the released completion."""
     logger = logging.getLogger()
     parsed, malformed = {}, []
     for seed in pool["seeds"]:
         answer = answers[f"seed:{seed}"]
-        parsed[seed] = parse_rationale(answer) if pool["llm"] else Rationale(answer, answer, True)
+        parsed[seed] = parse_rationale(answer) if pool["parse"] else Rationale(answer, answer, True)
         if not parsed[seed].ok:
             malformed.append(seed)
     if malformed:
@@ -357,7 +423,7 @@ def pool_files(answers, pool):
     explanation = ["user\tseed_user\tsimilarity\tsummary"]
     for user, p, sim in zip(pool["users"], pool["position"], pool["similarity"]):
         seed = pool["seeds"][p]
-        summary = " ".join((parsed[seed].summary or knowledge[f"seed:{seed}"]).split())
+        summary = " ".join((parsed[seed].summary or knowledge[f"seed:{seed}"]).split())[:300]
         explanation.append(f"{user}\t{seed}\t{sim:.4f}\t{summary}")
     files = {"reasoning_pool.jsonl": "\n".join(pool_lines) + "\n", "explanations.tsv": "\n".join(explanation) + "\n"}
     return {**answers, **knowledge}, files
