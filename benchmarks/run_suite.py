@@ -174,6 +174,11 @@ def summarize(suite, cells):
             values = [c[key] for c in runs.values() if c.get(key) is not None]
             if values:
                 row[key] = float(np.mean(values))
+        costs = [c["knowledge"] for c in runs.values() if c.get("knowledge")]
+        if costs:  # what building one store cost (REKI's Table 6 "# call"): prompts, calls sent, tokens
+            row["llm_prompts"] = float(np.mean([k["requested"] for k in costs]))
+            row["llm_calls"] = float(np.mean([k["called"] for k in costs]))
+            row["llm_tokens"] = float(np.mean([k["prompt_tokens"] + k["completion_tokens"] for k in costs]))
         rows.append(row)
     return rows
 
@@ -214,6 +219,31 @@ def plot_uplift(cells, suite, metric, path):
     return path
 
 
+def plot_cost(rows, metric, path):
+    """Cost/quality curve: ``metric`` (mean ± std over seeds) against the prompts one store
+    needs, for every entry that built knowledge (individual vs collective vs sampled seeds...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("llm_prompts") and f"{metric}_mean" in r]
+    if len(points) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in points:
+        ax.errorbar(r["llm_prompts"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt="o", capsize=3)
+        ax.annotate(r["model"], (r["llm_prompts"], r[f"{metric}_mean"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("prompts per knowledge store (LLM calls with a real LLM)")
+    ax.set_ylabel(f"test {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_reports(suite, rows, folder, wall_seconds):
     import csv
 
@@ -224,7 +254,8 @@ def write_reports(suite, rows, folder, wall_seconds):
         writer.writerows(rows)
     metrics = sorted({k[:-5] for r in rows for k in r if k.endswith("_mean")})
     header = ["model", "seeds"] + [m for m in metrics] + [f"{m} vs stock (p)" for m in metrics] + \
-             ["epoch s", "infer ms/batch", "infer ms/batch prestored", "knowledge s", "epochs"]
+             ["epoch s", "train ms/batch", "infer ms/batch", "infer ms/batch prestored", "knowledge s",
+              "prompts", "LLM calls", "LLM tokens", "epochs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(value, spec=".4f"):
@@ -234,9 +265,10 @@ def write_reports(suite, rows, folder, wall_seconds):
         cells = [r["model"], str(r["seeds"])]
         cells += [f"{r[m + '_mean']:.4f} ± {r[m + '_std']:.4f}" for m in metrics]
         cells += [f"{100 * r[m + '_rel']:+.2f}% (p={r[m + '_p']:.3f})" if m + "_rel" in r else "" for m in metrics]
-        cells += [fmt(r.get("train_epoch_seconds"), ".1f"), fmt(r.get("infer_batch_ms"), ".2f"),
-                  fmt(r.get("infer_batch_ms_prestored"), ".2f"), fmt(r.get("knowledge_seconds"), ".0f"),
-                  fmt(r.get("epochs_run"), ".1f")]
+        cells += [fmt(r.get("train_epoch_seconds"), ".1f"), fmt(r.get("train_batch_ms"), ".1f"),
+                  fmt(r.get("infer_batch_ms"), ".2f"), fmt(r.get("infer_batch_ms_prestored"), ".2f"),
+                  fmt(r.get("knowledge_seconds"), ".0f"), fmt(r.get("llm_prompts"), ".0f"),
+                  fmt(r.get("llm_calls"), ".0f"), fmt(r.get("llm_tokens"), ".0f"), fmt(r.get("epochs_run"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, python {platform.python_version()}"
     note = (f"\nSuite `{suite['name']}` on {suite['dataset']}, produced by `python benchmarks/run_suite.py "
@@ -286,9 +318,13 @@ def main():
             raise SystemExit(f"cell {model} seed {seed} failed (exit {done.returncode})")
         print(f"    {json.load(open(output))['test']}  ({time.time() - begin:.0f} s)", flush=True)
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
-    print(write_reports(suite, summarize(suite, cells), folder, time.time() - start))
+    rows = summarize(suite, cells)
+    print(write_reports(suite, rows, folder, time.time() - start))
     metric = suite.get("plot_metric") or sorted(cells[0]["test"])[0]
     print(f"plot: {plot_uplift(cells, suite, metric, os.path.join(folder, 'uplift.png'))}")
+    cost = plot_cost(rows, metric, os.path.join(folder, "cost.png"))
+    if cost:
+        print(f"cost/quality plot: {cost}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from recbole_llmk.compat import safe_trainer_class
 TECHNIQUES = {
     "REKI": "recbole_llmk.model.reki:reki_variant",
     "ReLand": "recbole_llmk.model.reland:reland_variant",
+    "LEARN": "recbole_llmk.model.learn:learn_variant",
 }
 # models of this plugin that are not variants of a RecBole model.
 NATIVE_MODELS = {

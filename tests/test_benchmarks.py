@@ -30,6 +30,7 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert set(rows) == {"DeepFM", "DeepFM_REKI"}
     assert rows["DeepFM_REKI"]["auc_p"] != "" and rows["DeepFM"]["auc_p"] == ""
     assert float(rows["DeepFM_REKI"]["infer_batch_ms_prestored"]) > 0
+    assert float(rows["DeepFM_REKI"]["llm_prompts"]) == 30 + 40 and float(rows["DeepFM_REKI"]["llm_calls"]) == 0
     assert "| DeepFM_REKI | 2 |" in (folder / "summary.md").read_text()
     assert (folder / "uplift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -38,6 +39,15 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier, skipped") == 4
     assert stamps == {c: os.path.getmtime(folder / "cells" / c) for c in cells}
+
+
+def test_cost_quality_plot_needs_two_knowledge_entries(tmp_path):
+    rows = [{"model": "DeepFM", "auc_mean": 0.78, "auc_std": 0.01},
+            {"model": "individual", "auc_mean": 0.79, "auc_std": 0.01, "llm_prompts": 2625.0},
+            {"model": "collective", "auc_mean": 0.785, "auc_std": 0.02, "llm_prompts": 45.0}]
+    assert run_suite.plot_cost(rows[:2], "auc", str(tmp_path / "one.png")) is None
+    path = run_suite.plot_cost(rows, "auc", str(tmp_path / "cost.png"))
+    assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_paired_t_test_pairs_by_seed_and_matches_scipy():

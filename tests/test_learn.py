@@ -229,3 +229,29 @@ def test_a_decoder_llm_encodes_item_text(learn_config, tmp_path):
     content = model.content[1:]
     assert content.abs().sum(1).min() > 0
     assert torch.cdist(content, content).fill_diagonal_(1.0).min() > 1e-3  # every title reads differently
+
+
+def learn_features_config(tiny_config):
+    return dict(tiny_config, learn_features_epochs=1, learn_features_config={
+        "embedding_size": 8, "hidden_size": 16, "inner_size": 16, "n_layers": 1, "n_heads": 1,
+        "learn_history_len": 5, "learn_target_len": 3, "train_batch_size": 64})
+
+
+def test_din_learn_trains_on_learn_embeddings_from_the_same_split(tiny_config):
+    from recbole_llmk.knowledge.store import KnowledgeStore
+
+    result = run_recbole_llmk("DIN_LEARN", "tiny", config_dict=learn_features_config(tiny_config))
+    assert set(result["test_result"]) == {"auc", "logloss"}
+    store = KnowledgeStore.open(result["knowledge_store"])
+    assert store.meta["technique"] == "LEARN-features" and store.meta["dims"] == {"user": 8, "item": 8}
+    tokens, vectors = store.vectors("item")
+    assert len(tokens) == 40 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)  # cos space
+    assert result["model"].knowledge.user_knowledge.shape == (31, 8)
+
+
+def test_learn_features_need_a_time_ordered_split(tiny_config):
+    with pytest.raises(ValueError, match="time-ordered"):
+        run_recbole_llmk("DeepFM_LEARN", "tiny", config_dict=learn_features_config(tiny_config))
+    ordered = dict(learn_features_config(tiny_config),
+                   eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "labeled"})
+    assert set(run_recbole_llmk("DeepFM_LEARN", "tiny", config_dict=ordered)["test_result"]) == {"auc", "logloss"}

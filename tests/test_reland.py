@@ -190,7 +190,7 @@ def test_behaviour_encoder_refuses_another_split(reland_config):
     config, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=reland_config)
     frame = training_interactions(training_dataset(train_data))
     extra = pd.DataFrame({"user": ["1"], "item": ["999"]})
-    with pytest.raises(LeakageError, match="another split"):
+    with pytest.raises(LeakageError, match="another split than the run"):
         train_behaviour_encoder(config, pd.concat([frame, extra]))
 
 

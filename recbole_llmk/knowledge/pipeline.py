@@ -57,7 +57,8 @@ class KnowledgePlan:
     that replace the run's ``llm_*`` keys (e.g. replaying released answers). ``postprocess``:
     ``f(answers) -> (answers, files)`` applied to the generated answers before encoding (e.g.
     keeping the part of a reasoning answer that is the knowledge); ``files`` (``{name: text}``)
-    are written into the store folder for people to read."""
+    are written into the store folder for people to read. ``vectors``: ``{kind: (tokens, vectors)}``
+    computed elsewhere (e.g. LEARN's towers), stored as they are, with no text."""
 
     requests: list
     layout: dict
@@ -65,6 +66,7 @@ class KnowledgePlan:
     sides: dict = None
     backend: dict = None
     postprocess: object = None
+    vectors: dict = None
 
     @classmethod
     def individual(cls, requests):
@@ -103,14 +105,17 @@ def build_store(config, settings, plan, path):
     if missing:
         raise KeyError(f"knowledge plan refers to {len(missing)} keys with no text, e.g. {sorted(missing)[:3]}")
     keys = sorted({key for rows in plan.layout.values() for key in rows.values()})
-    encoder = TextEncoder.from_config(config)
-    vectors = dict(zip(keys, encoder.encode([texts[k] for k in keys], desc="encoding knowledge")))
-    entries = {}
+    vectors, encoder_dim = {}, None
+    if keys:
+        encoder = TextEncoder.from_config(config)
+        vectors = dict(zip(keys, encoder.encode([texts[k] for k in keys], desc="encoding knowledge")))
+        encoder_dim = encoder.dim
+    entries = {kind: (tokens, rows, [""] * len(tokens)) for kind, (tokens, rows) in (plan.vectors or {}).items()}
     for kind, rows in plan.layout.items():
         tokens = list(rows)
         entries[kind] = (tokens, [vectors[rows[t]] for t in tokens], [texts[rows[t]] for t in tokens])
     meta = dict(settings, generation=asdict(report), llm_backend_model=backend.model_id,
-                encoder_dim=encoder.dim, build_seconds=round(time.time() - start, 2),
+                encoder_dim=encoder_dim, build_seconds=round(time.time() - start, 2),
                 created=time.strftime("%Y-%m-%d %H:%M:%S"), distinct_texts=len(keys))
     if plan.sides:
         meta["knowledge_kinds"] = plan.sides

@@ -44,6 +44,7 @@ over a length-1 sequence of that item), so items with no interactions are ranked
 """
 
 import logging
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ from torch import nn
 
 from recbole_llmk.knowledge.history import training_dataset
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce
+from recbole_llmk.model.reki import KnowledgeMixin, knowledge_variant
 
 MASKED = -10000.0  # RecBole's additive attention mask value
 ITEM_TOWERS = (1, 2, 3)
@@ -318,3 +320,29 @@ class LEARN(SequentialRecommender):
     def full_sort_predict(self, interaction):
         users = self._space(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
         return users @ self._space(self.item_embeddings()).T
+
+
+# --- <Model>_LEARN ----------------------------------------------------------------------------------
+class LEARNFeatures(KnowledgeMixin):
+    """``<Model>_LEARN``'s knowledge: LEARN's user and item embeddings, built before the model
+    (``techniques.learn.learn_features_plan``) and fed through HEIN as two extra fields, the
+    injection REKI uses (``model.reki``)."""
+
+    technique = "LEARN"
+    store_technique = "LEARN-features"
+
+    @classmethod
+    def prepare_knowledge(cls, config, train_data):
+        from recbole_llmk.knowledge.pipeline import ensure_store
+        from recbole_llmk.techniques.learn import learn_features_plan
+
+        store = ensure_store(config, *learn_features_plan(config, training_dataset(train_data)))
+        config["knowledge_store"] = store.path
+        return store
+
+
+@lru_cache(maxsize=None)
+def learn_variant(base):
+    """``<Base>_LEARN`` for a RecBole CTR model class."""
+    doc = f"{base.__name__} with LEARN user and item embeddings as two knowledge fields (through HEIN)."
+    return knowledge_variant(base, LEARNFeatures, "LEARN", doc)

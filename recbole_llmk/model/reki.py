@@ -40,7 +40,7 @@ def knowledge_fields(model, config, dataset):
     Each side reads the store kinds its technique wrote (``knowledge_kinds``: e.g. individual
     REKI ``user`` / ``item``; REKI-C adds cluster and history kinds), concatenated in that order."""
     store = KnowledgeStore.open(config["knowledge_store"])
-    store.check({"technique": "REKI", "dataset": config["dataset"],
+    store.check({"technique": model.store_technique, "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
     default = config["knowledge_default"] or "mean"
     kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}
@@ -53,10 +53,19 @@ def knowledge_fields(model, config, dataset):
     return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
 
 
-class REKIMixin:
-    """What every REKI variant shares: building its knowledge before the model, and prestoring."""
+class KnowledgeMixin:
+    """What every knowledge-fields variant shares: prestoring. A technique's mixin adds
+    ``technique`` (its yaml), ``store_technique`` (the store it reads) and ``prepare_knowledge``."""
 
-    technique = "REKI"
+    def prestore_knowledge(self, drop_adapter=False):
+        """Precompute the augmented vectors of every user and item (REKI's deployment)."""
+        self.knowledge.prestore(drop_adapter)
+
+
+class REKIMixin(KnowledgeMixin):
+    """REKI's knowledge: built from prompts (individual, collective or released) before the model."""
+
+    technique = store_technique = "REKI"
 
     @classmethod
     def prepare_knowledge(cls, config, train_data):
@@ -73,12 +82,8 @@ class REKIMixin:
 
         return {"all": reki_requests(config, training_dataset(train_data))[1]().requests}
 
-    def prestore_knowledge(self, drop_adapter=False):
-        """Precompute the augmented vectors of every user and item (REKI's deployment)."""
-        self.knowledge.prestore(drop_adapter)
 
-
-class REKIContext(REKIMixin, ContextRecommender):
+class KnowledgeContext(ContextRecommender):
     """Placed between a context-aware model and ContextRecommender in the MRO, so it runs inside
     the model's own ``super().__init__`` and the model sizes its layers for the two new fields."""
 
@@ -103,7 +108,7 @@ class REKIContext(REKIMixin, ContextRecommender):
         return sparse, dense
 
 
-class REKIDeepInterest(REKIMixin, SequentialRecommender):
+class KnowledgeDeepInterest(SequentialRecommender):
     """Placed before DIN/DIEN in the MRO: widens their final DNN once they are built and feeds it
     the batch's augmented vectors."""
 
@@ -126,18 +131,23 @@ def torch_cat(parts):
     return torch.cat([p for p in parts if p is not None and p.shape[1] > 0], dim=1)
 
 
+def knowledge_variant(base, mixin, suffix, doc):
+    """``<Base>_<suffix>``: a RecBole CTR model class with two knowledge fields from ``mixin``'s store."""
+    name = base.__name__
+    if name in UNSUPPORTED:
+        raise ValueError(f"{name}_{suffix} is not supported: {name} is {UNSUPPORTED[name]}.")
+    if issubclass(base, ContextRecommender):
+        bases = (base, mixin, KnowledgeContext)
+    elif name in DEEP_INTEREST:
+        bases = (mixin, KnowledgeDeepInterest, base)
+    else:
+        raise ValueError(f"{name}_{suffix} is not supported: it augments CTR models (RecBole's "
+                         f"context-aware models, DIN and DIEN); {name} is a {base.type.name.lower()} model.")
+    return type(f"{name}_{suffix}", bases, {"__doc__": doc, "base_model_name": name, "__module__": mixin.__module__})
+
+
 @lru_cache(maxsize=None)
 def reki_variant(base):
     """``<Base>_REKI`` for a RecBole model class."""
-    name = base.__name__
-    if name in UNSUPPORTED:
-        raise ValueError(f"{name}_REKI is not supported: {name} is {UNSUPPORTED[name]}.")
-    if issubclass(base, ContextRecommender):
-        bases = (base, REKIContext)
-    elif name in DEEP_INTEREST:
-        bases = (REKIDeepInterest, base)
-    else:
-        raise ValueError(f"{name}_REKI is not supported: REKI augments CTR models (RecBole's "
-                         f"context-aware models, DIN and DIEN); {name} is a {base.type.name.lower()} model.")
-    doc = f"{name} with REKI knowledge (two augmented-vector fields from HEIN).\n\n{__doc__}"
-    return type(f"{name}_REKI", bases, {"__doc__": doc, "base_model_name": name, "__module__": __name__})
+    doc = f"{base.__name__} with REKI knowledge (two augmented-vector fields from HEIN).\n\n{__doc__}"
+    return knowledge_variant(base, REKIMixin, "REKI", doc)

@@ -53,3 +53,57 @@ def learn_plan(config, dataset):
 def build_learn_knowledge(config, dataset):
     """The LEARN content store for ``dataset``'s items, built when missing."""
     return ensure_store(config, *learn_plan(config, dataset))
+
+
+# --- <Model>_LEARN: LEARN's embeddings as features of CTR models ----------------------------------
+FEATURES = "LEARN-features"
+CARRIED = ("text_encoder", "encoder_pooling", "encoder_batch_size", "encoder_max_length", "dataset_hook",
+           "knowledge_dir", "knowledge_default")
+
+
+def learn_features_plan(config, dataset):
+    """Store settings and plan of ``<Model>_LEARN``'s knowledge: the user and item embeddings of a
+    LEARN model trained by RecBole on this run's own split (``training_dataset`` ``dataset``).
+
+    A user's embedding is the user tower's output after its last H *training* items; an item's is
+    the item tower's embedding of its content (so items without interactions have one too). LEARN
+    is sequential: the run's split must be one a sequential model reproduces (time-ordered), which
+    is checked by split fingerprint before LEARN trains."""
+    from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
+
+    if config["eval_args"].get("order") != "TO":
+        raise ValueError(
+            f"{config['model']} trains LEARN on the run's split, and LEARN (a sequential model) needs a "
+            f"time-ordered one; this run's eval_args are {config['eval_args']}. Use e.g. "
+            "--eval_args=\"{'split': {'LS': 'valid_and_test'}, 'order': 'TO', 'mode': 'labeled'}\" "
+            "(DIN and DIEN use a time-ordered split by default).")
+    frame = training_interactions(dataset)
+    overrides = {k: config[k] for k in CARRIED if config[k] is not None}
+    overrides.update(config["learn_features_config"] or {}, epochs=config["learn_features_epochs"] or 10)
+    settings = store_settings(config, FEATURES, split_fingerprint(frame), digest([TEXT_VERSION, overrides]))
+    return settings, lambda: KnowledgePlan(requests=[], layout={}, vectors=learn_embeddings(config, frame, overrides))
+
+
+def learn_embeddings(config, frame, overrides):
+    """``{"user": (tokens, vectors), "item": (tokens, vectors)}`` from a LEARN model trained on ``frame``'s split."""
+    import numpy as np
+    import torch
+
+    from recbole_llmk.knowledge.history import recent_histories
+    from recbole_llmk.knowledge.pretrained import train_on_split
+
+    _, dataset, _, net = train_on_split(config, frame, "LEARN", overrides)
+    histories = recent_histories(frame, net.history_len)
+    users = list(histories)
+    seq = np.zeros((len(users), net.history_len), dtype=np.int64)
+    lengths = np.zeros(len(users), dtype=np.int64)
+    for row, user in enumerate(users):
+        ids = dataset.token2id(dataset.iid_field, list(histories[user]["item"]))
+        seq[row, :len(ids)], lengths[row] = ids, len(ids)
+    with torch.no_grad():
+        seq, lengths = torch.from_numpy(seq).to(net.device), torch.from_numpy(lengths).to(net.device)
+        user_vectors = torch.cat([net._space(net.forward(seq[s:s + 4096], lengths[s:s + 4096]))
+                                  for s in range(0, len(users), 4096)]).cpu().numpy()
+        item_vectors = net._space(net.item_embeddings())[1:].cpu().numpy()
+    items = [str(t) for t in dataset.field2id_token[dataset.iid_field][1:]]
+    return {"user": (users, user_vectors), "item": (items, item_vectors)}

@@ -6,8 +6,11 @@ user (profile + recent *training* history + scenario factors) and one per item (
 scenario factors). With ``llm_backend: none`` the descriptions themselves are the knowledge text.
 """
 
+import json
 import logging
 import os
+
+import numpy as np
 
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
@@ -51,13 +54,14 @@ class REKIPrompts:
         return {"user": users, "item": item_requests}
 
 
-MODES = ("individual", "released")
+MODES = ("individual", "collective", "released")
 
 
 def reki_requests(config, dataset):
     """The store settings and knowledge plan of REKI for the training dataset ``dataset``.
 
-    ``reki_knowledge``: ``individual`` (one prompt per user and item) or ``released`` (collective
+    ``reki_knowledge``: ``individual`` (one prompt per user and item), ``collective`` (REKI-C: one
+    prompt per cluster of items and of users, see ``collective_plan``) or ``released`` (collective
     knowledge somebody else generated, e.g. the REKI authors' gpt-3.5 answers for MovieLens-1M
     clusters, assigned to this dataset's users and items; see ``released_plan``)."""
     mode = config["reki_knowledge"] or "individual"
@@ -68,10 +72,91 @@ def reki_requests(config, dataset):
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
     if mode == "individual":
         return settings, lambda: KnowledgePlan.individual(prompts.requests(dataset, frame))
+    if mode == "collective":
+        settings.update(mode=mode, clusters=digest({k: config[k] for k in COLLECTIVE_KEYS} | {"seed": config["seed"]}))
+        return settings, lambda: collective_plan(config, dataset, frame, prompts)
     release = load_release(config)
     settings.update(mode=mode, llm_backend="replay", llm_model=release.model,
                     release=digest([os.path.abspath(release.root), config["reki_release_match"], config["reki_like_threshold"]]))
     return settings, lambda: released_plan(config, dataset, frame, prompts, release)
+
+
+COLLECTIVE_KEYS = ("cluster_method", "item_cluster_size", "user_cluster_size", "reki_cluster_model",
+                   "reki_cluster_model_epochs", "reki_cluster_model_config", "reki_top_d", "reki_like_threshold",
+                   "reki_item_cluster_prompt", "reki_user_cluster_prompt")
+SIDES = {"user": ["user_positive", "user_negative", "user_history"], "item": ["item_cluster", "item_description"]}
+
+
+def collective_plan(config, dataset, frame, prompts):
+    """REKI-C: cluster items and users, prompt once per cluster.
+
+    Items are clustered by their embeddings, users by the mean embedding of their recent
+    training items joined with their own embedding, all from ``reki_cluster_model`` trained on
+    this run's training split (REKI pretrains DIN; any general model with user and item vectors
+    serves here). Clusters are capped (``item_cluster_size``, ``user_cluster_size``) and built by
+    ``cluster_method``. An item cluster is prompted with its items; a user cluster with the top-d
+    items of its members' training likes, and separately of their dislikes (REKI Eq. 1; likes and
+    dislikes by ``reki_like_threshold`` when ratings exist, else every interaction is a like). As
+    in REKI-C each user also gets its own history description and each item its description."""
+    from recbole_llmk.knowledge.clustering import make_clusterer, top_d_items
+    from recbole_llmk.knowledge.generation import Request
+    from recbole_llmk.knowledge.history import recent_histories
+    from recbole_llmk.knowledge.pretrained import pretrained_vectors
+
+    vectors = pretrained_vectors(config, frame, config["reki_cluster_model"] or "LightGCN",
+                                 config["reki_cluster_model_epochs"] or 20, config["reki_cluster_model_config"])
+    item_tokens, item_vectors = vectors["item"]
+    item_row = {t: r for r, t in enumerate(item_tokens)}
+    user_row = {t: r for r, t in enumerate(vectors["user"][0])}
+    histories = recent_histories(prompts.describer.with_ratings(frame), prompts.history_length)
+    users = [u for u in histories if u in user_row]
+    recent = np.stack([item_vectors[[item_row[i] for i in histories[u]["item"]]].mean(0) for u in users])
+    user_points = np.concatenate([recent, vectors["user"][1][[user_row[u] for u in users]]], axis=1)
+    clusters, files = {}, {}
+    for kind, ids, points in (("item", item_tokens, item_vectors), ("user", users, user_points)):
+        clusterer = make_clusterer(config, kind).fit(points, ids)
+        clusters[kind] = {str(i): int(c) for i, c in zip(clusterer.ids, clusterer.labels_)}
+        files[f"{kind}_clusters.json"] = json.dumps(clusterer.clusters(), default=str)
+    likes = liked_and_disliked(frame, prompts.describer, {t: t for t in item_tokens}, config, every_like=True)
+    describe = prompts.describer.describe("item")
+    text = {t: describe.get(t) or f"{prompts.hook.item_noun} {t}" for t in item_tokens}
+    item_template = PromptTemplate.load(config["reki_item_cluster_prompt"] or "reki_item_cluster")
+    user_template = PromptTemplate.load(config["reki_user_cluster_prompt"] or "reki_user_cluster")
+    common = {"user_noun": prompts.hook.user_noun, "item_noun": prompts.hook.item_noun, "factors": prompts.factors}
+    requests = []
+    for cluster, members in sorted(_members(clusters["item"]).items()):
+        items = "\n".join(f"- {text[i]}" for i in members)
+        requests.append(Request(f"item-cluster:{cluster}", item_template.render(items=items, **common), items))
+    d = config["reki_top_d"] or 15
+    for cluster, members in sorted(_members(clusters["user"]).items()):
+        for side, sentiment, pick in (("positive", "liked", 0), ("negative", "disliked", 1)):
+            top = top_d_items([likes.get(u, ([], []))[pick] for u in members], d)
+            if top:
+                items = "\n".join(f"- {text[i]}" for i in top)
+                prompt = user_template.render(items=items, sentiment=sentiment, **common)
+                requests.append(Request(f"{side}-cluster:{cluster}", prompt, items))
+    keys = {r.key for r in requests}
+    layout = {
+        "user_positive": {u: f"positive-cluster:{c}" for u, c in clusters["user"].items() if f"positive-cluster:{c}" in keys},
+        "user_negative": {u: f"negative-cluster:{c}" for u, c in clusters["user"].items() if f"negative-cluster:{c}" in keys},
+        "item_cluster": {i: f"item-cluster:{c}" for i, c in clusters["item"].items()},
+        "user_history": {u: f"user:{u}" for u in dataset.field2id_token[dataset.uid_field][1:]},
+        "item_description": {i: f"item:{i}" for i in dataset.field2id_token[dataset.iid_field][1:]},
+    }
+    described = prompts.requests(dataset, frame)
+    texts = {r.key: r.description for rs in described.values() for r in rs}
+    n_individual = sum(map(len, described.values()))
+    logging.getLogger().info(
+        f"REKI-C: {len(_members(clusters['item']))} item clusters, {len(_members(clusters['user']))} user clusters "
+        f"({config['cluster_method'] or 'streakhc'}): {len(requests)} prompts instead of {n_individual} individual ones")
+    return KnowledgePlan(requests, layout, texts, SIDES, postprocess=lambda answers: (answers, files))
+
+
+def _members(assignment):
+    groups = {}
+    for token, cluster in assignment.items():
+        groups.setdefault(cluster, []).append(token)
+    return groups
 
 
 def load_release(config):
@@ -114,8 +199,7 @@ def released_plan(config, dataset, frame, prompts, release):
         f"assigned to released clusters; the rest get the default vector for those kinds")
     described = prompts.requests(dataset, frame)
     texts = {r.key: r.description for rs in described.values() for r in rs}
-    sides = {"user": ["user_positive", "user_negative", "user_history"], "item": ["item_cluster", "item_description"]}
-    return KnowledgePlan(requests, layout, texts, sides, backend={"llm_backend": "replay", "llm_replay_file": replay,
+    return KnowledgePlan(requests, layout, texts, SIDES, backend={"llm_backend": "replay", "llm_replay_file": replay,
                                                                   "llm_model": release.model})
 
 
@@ -140,10 +224,14 @@ def released_user_clusters(config, users, frame, describer, release, to_ml1m):
     return assign_users_by_overlap(release, liked_and_disliked(frame, describer, to_ml1m, config))
 
 
-def liked_and_disliked(frame, describer, to_ml1m, config):
-    """{user: (liked ML-1M ids, disliked ML-1M ids)} from training interactions and their ratings."""
+def liked_and_disliked(frame, describer, to_ml1m, config, every_like=False):
+    """{user: (liked ids, disliked ids)} from training interactions and their ratings, items
+    renamed by ``to_ml1m`` (e.g. to ML-1M ids). Without ratings: an error, or with ``every_like``
+    every interaction is a like."""
     frame = describer.with_ratings(frame)
     if "rating" not in frame:
+        if every_like:
+            return {u: ([to_ml1m[i] for i in rows["item"] if i in to_ml1m], []) for u, rows in frame.groupby("user")}
         raise ValueError("reki_release_match=title assigns users by liked/disliked items, which needs ratings")
     threshold = config["reki_like_threshold"] or 4
     frame = frame[frame["item"].isin(to_ml1m.keys())]

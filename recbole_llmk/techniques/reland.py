@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recbole_llmk.knowledge.descriptions import Describer
-from recbole_llmk.knowledge.history import (LeakageError, split_fingerprint, training_dataset,
-                                            training_interactions)
+from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
 from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
 
@@ -218,85 +217,14 @@ class ReLandPrompts:
 
 
 # --- behaviour encoder ----------------------------------------------------------------------------
-def behaviour_config(config):
-    """Config of the behaviour encoder: the run's dataset and split settings, the encoder's own
-    model defaults, ``reland_behaviour_config`` on top. The command line is not read again: the
-    run's ``--key=value`` options are meant for the run's model."""
-    from recbole.utils.argument_list import dataset_arguments
-
-    from recbole_llmk.config import LLMKConfig
-
-    class BehaviourConfig(LLMKConfig):
-        def _load_cmd_line(self):
-            return {}
-
-    carried = [*dataset_arguments, "seed", "reproducibility", "use_gpu", "gpu_id", "state", "show_progress",
-               "checkpoint_dir"]
-    values = {k: config[k] for k in carried if config[k] is not None}
-    values["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))  # RecBole appends the dataset
-    split = {k: config["eval_args"][k] for k in ("split", "order", "group_by") if k in config["eval_args"]}
-    values.update(eval_args=dict(split, mode="full"), epochs=config["reland_behaviour_epochs"] or 20,
-                  **(config["reland_behaviour_config"] or {}))
-    return BehaviourConfig(config["reland_behaviour_model"] or "LightGCN", config["dataset"], config_dict=values)
-
-
-def user_vectors(model):
-    """``[n_users, d]`` user vectors of a trained general RecBole model, by internal id."""
-    import inspect
-
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        if not inspect.signature(model.forward).parameters:  # graph models: forward() -> (users, items)
-            out = model.forward()
-            if isinstance(out, (tuple, list)) and out[0].shape[0] == model.n_users:
-                return out[0].float().cpu().numpy()
-        tables = [m.weight for name, m in model.named_children()
-                  if isinstance(m, torch.nn.Embedding) and "user" in name and m.num_embeddings == model.n_users]
-        if tables:
-            return torch.cat(tables, dim=1).float().cpu().numpy()
-    raise ValueError(f"reland_behaviour_model {type(model).__name__} exposes no user vectors "
-                     "(use LightGCN, NGCF, BPR, NeuMF or another model with a user embedding table)")
-
-
 def train_behaviour_encoder(config, frame):
-    """``(user tokens, vectors)`` of the behaviour encoder trained on ``frame``'s split, built once
-    and cached under ``knowledge_dir``."""
-    from recbole.utils import init_seed
+    """``(user tokens, vectors)`` of the behaviour encoder (``reland_behaviour_model``) trained on
+    ``frame``'s split; see :func:`recbole_llmk.knowledge.pretrained.pretrained_vectors`."""
+    from recbole_llmk.knowledge.pretrained import pretrained_vectors
 
-    from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
-
-    b_config = behaviour_config(config)
-    fingerprint = split_fingerprint(frame)
-    key = digest([fingerprint, b_config["model"], b_config["epochs"], b_config["embedding_size"],
-                  b_config["seed"], config["reland_behaviour_config"]])
-    path = os.path.join(config["knowledge_dir"] or "saved/knowledge", config["dataset"],
-                        f"behaviour-{b_config['model']}-{key}.npz")
-    logger = logging.getLogger()
-    if os.path.isfile(path):
-        saved = np.load(path, allow_pickle=False)
-        logger.info(f"behaviour vectors from {path}")
-        return list(saved["tokens"]), saved["vectors"]
-    init_seed(b_config["seed"], b_config["reproducibility"])
-    dataset = create_dataset(b_config)
-    train_data, _, _ = data_preparation(b_config, dataset)
-    if split_fingerprint(training_interactions(training_dataset(train_data))) != fingerprint:
-        raise LeakageError(
-            f"the behaviour encoder {b_config['model']} would train on another split than the run "
-            f"(eval_args {b_config['eval_args']}): set eval_args split/order/group_by explicitly in your yaml")
-    init_seed(b_config["seed"], b_config["reproducibility"])
-    model = b_config.model_class(b_config, train_data._dataset).to(b_config["device"])
-    logger.info(f"training the behaviour encoder {b_config['model']} for {b_config['epochs']} epochs "
-                "on the training split")
-    get_trainer(b_config)(b_config, model).fit(train_data, None, saved=False, show_progress=b_config["show_progress"])
-    vectors = user_vectors(model)[1:]
-    tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field][1:]]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[:-4] + ".partial.npz"
-    np.savez(tmp, tokens=np.array(tokens), vectors=vectors)
-    os.replace(tmp, path)
-    return tokens, vectors
+    vectors = pretrained_vectors(config, frame, config["reland_behaviour_model"] or "LightGCN",
+                                 config["reland_behaviour_epochs"] or 20, config["reland_behaviour_config"])
+    return vectors["user"]
 
 
 # --- the plan -------------------------------------------------------------------------------------
