@@ -64,6 +64,17 @@ def test_ratings_come_with_the_history_even_after_thresholding(tiny_config):
     assert re.search(r"- title: Title\d+ Story; .*\(rating: [1-5]\)\n", requests["user"][0].prompt)
 
 
+def test_ratings_are_on_the_raw_scale_when_recbole_normalizes_them(tiny_config):
+    """ml-100k's defaults normalize ratings to [0, 1] for DIN; prompts and likes need 1-5."""
+    tiny_config.update(threshold=None, normalize_all=True)
+    config, dataset, train_data, _, _ = prepare("DIN_REKI", "tiny", config_dict=tiny_config)
+    frame = training_interactions(train_data._dataset)
+    assert frame["rating"].max() <= 1.0  # what RecBole hands over
+    requests = REKIPrompts(config).requests(train_data._dataset, frame)
+    ratings = [float(r) for rs in requests.values() for q in rs for r in re.findall(r"\(rating: ([\d.]+)\)", q.prompt)]
+    assert ratings and set(ratings) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
 def test_generic_and_hooked_descriptions(tiny_config, workdir):
     config, *_ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
     items = Describer(config).describe("item")
@@ -165,3 +176,41 @@ def test_pca_keeps_the_top_directions_and_the_padding_row():
     # three components carry (almost) all of the variance of this rank-3 data
     total = np.concatenate([users[1:], items[1:]]).var(0).sum()
     assert variances.sum() / total > 0.99
+
+
+def test_parallel_runs_build_one_store_once(tiny_config, workdir):
+    """Two runs wanting the same store at once: one builds it, the other waits and opens it
+    (without the lock both would write the same temporary folder)."""
+    import threading
+    import time
+
+    from recbole_llmk.knowledge.pipeline import KnowledgePlan, ensure_store, store_settings
+
+    config, _, _, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    settings = store_settings(config, "test", split="s", prompt_digest="p")
+    builds, stores = [], []
+
+    def plan():
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other run to arrive while this one builds
+        return KnowledgePlan([], {"item": {"1": "a"}}, texts={"a": "w1 w2"})
+
+    runs = [threading.Thread(target=lambda: stores.append(ensure_store(config, settings, plan))) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(builds) == 1
+    assert len(stores) == 2 and stores[0].path == stores[1].path
+    assert stores[0].meta["created"] == stores[1].meta["created"]
+
+
+def test_a_kind_nobody_has_is_stored_empty_and_aligned_to_defaults(tiny_config):
+    from recbole_llmk.knowledge.pipeline import KnowledgePlan, ensure_store, store_settings
+
+    config, dataset, _, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    plan = KnowledgePlan([], {"item": {"1": "a"}, "user_positive": {}}, texts={"a": "w1 w2"})
+    store = ensure_store(config, store_settings(config, "test", split="s", prompt_digest="p"), lambda: plan)
+    table = store.aligned("user_positive", dataset, dataset.uid_field)
+    assert table.shape == (dataset.user_num, 16) and not table.any()
+    assert store.aligned("item", dataset, dataset.iid_field).any()

@@ -138,13 +138,15 @@ class Describer:
         return f"A {self.hook.user_noun} who is {profile}. Recent {self.hook.item_noun}s:\n{history}"
 
     def with_ratings(self, frame):
-        """``frame`` with each interaction's rating from the raw ``.inter`` file.
+        """``frame`` with each interaction's rating as the raw ``.inter`` file gives it.
 
         RecBole drops the rating column when ``threshold`` turns it into a label (the ml-100k CTR
-        default), yet prompts show ratings. Only pairs already in ``frame`` (the training split)
-        are looked up, so the raw file can add a value, never an interaction."""
+        default) and rescales it to [0, 1] under ``normalize_all`` (ml-100k's dataset default,
+        which DIN and DIEN keep), yet prompts show ratings and likes are ratings over a threshold
+        on the dataset's own scale. Only pairs already in ``frame`` (the training split) are
+        looked up, so the raw file can replace a value, never add an interaction."""
         path = self._atomic_path("inter")
-        if "rating" in frame or not self.rating_field or not os.path.isfile(path):
+        if not self.rating_field or not os.path.isfile(path):
             return frame
         raw, _ = read_atomic(path, self.field_separator)
         if self.rating_field not in raw:
@@ -153,7 +155,7 @@ class Describer:
         raw = raw[[users, items, self.rating_field]].drop_duplicates([users, items], keep="last")
         raw.columns = ["user", "item", "rating"]
         raw["rating"] = pd.to_numeric(raw["rating"], errors="coerce")
-        return frame.merge(raw, on=["user", "item"], how="left")
+        return frame.drop(columns=["rating"], errors="ignore").merge(raw, on=["user", "item"], how="left")
 
 
 def _rating(value):

@@ -98,7 +98,7 @@ class KnowledgeStore:
         the mean of the known vectors, or zeros. Their number is logged."""
         tokens, vectors = self.vectors(kind)
         token2id = dataset.field2token_id[field]
-        rows = np.array([token2id.get(t, -1) for t in tokens])
+        rows = np.array([token2id.get(t, -1) for t in tokens], dtype=np.int64)
         known = rows >= 0
         table = np.zeros((dataset.num(field), vectors.shape[1]), dtype=np.float32)
         if default == "mean" and known.any():
