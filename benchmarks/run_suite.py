@@ -244,7 +244,7 @@ def plot_cost(rows, metric, path):
     return path
 
 
-def write_reports(suite, rows, folder, wall_seconds):
+def write_reports(suite, rows, folder, wall_seconds, jobs=1):
     import csv
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
@@ -271,13 +271,48 @@ def write_reports(suite, rows, folder, wall_seconds):
                   fmt(r.get("llm_calls"), ".0f"), fmt(r.get("llm_tokens"), ".0f"), fmt(r.get("epochs_run"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, python {platform.python_version()}"
+    import torch
+
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     note = (f"\nSuite `{suite['name']}` on {suite['dataset']}, produced by `python benchmarks/run_suite.py "
             f"{suite.get('path', '')}` on {time.strftime('%Y-%m-%d')} ({machine}); cells ran "
-            f"{wall_seconds / 60:.1f} min in this invocation. Test-split metrics, mean ± std over seeds; "
+            f"{wall_seconds / 60:.1f} min in this invocation"
+            f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}. Test-split metrics, mean ± std over seeds; "
             "p: paired t-test against the stock backbone on the same seeds.\n")
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n" + note)
     return "\n".join(lines) + "\n" + note
+
+
+def run_cells(suite_path, folder, todo, jobs=1):
+    """Run the unfinished (label, seed) cells, ``jobs`` processes at a time, each in its own
+    process; -> the cells that failed (their stderr is printed, the others go on)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ)
+    if jobs > 1:  # cells share the cores instead of each taking all of them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+
+    def run(index, label, seed):
+        output = os.path.join(folder, "cells", f"{label}-{seed}.json")
+        if os.path.isfile(output):
+            print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
+            return None
+        print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
+        begin = time.time()
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path, f"--cell={label},{seed},{output}"],
+                              cwd=folder, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"{label} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
+            return f"{label}-{seed}"
+        with open(output) as f:
+            print(f"    {label} seed {seed}: {json.load(f)['test']}  ({time.time() - begin:.0f} s)", flush=True)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        outcomes = list(pool.map(lambda job: run(job[0], *job[1]), enumerate(todo, 1)))
+    return [o for o in outcomes if o]
 
 
 def main():
@@ -285,6 +320,7 @@ def main():
     parser.add_argument("suite")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--only", default=None, help="comma-separated models to run (summary uses all cells)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (a GPU machine with many cores)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: model,seed,output
     args = parser.parse_args()
     args.suite = os.path.abspath(args.suite)  # cells run inside the results folder
@@ -304,27 +340,19 @@ def main():
     models = args.only.split(",") if args.only else list(by_label)
     todo = [(m, s) for m in models for s in suite["seeds"]]
     start = time.time()
-    for index, (model, seed) in enumerate(todo, 1):
-        output = os.path.join(folder, "cells", f"{model}-{seed}.json")
-        if os.path.isfile(output):
-            print(f"[{index}/{len(todo)}] {model} seed {seed}: done earlier, skipped", flush=True)
-            continue
-        print(f"[{index}/{len(todo)}] {model} seed {seed} ...", flush=True)
-        begin = time.time()
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), args.suite, f"--cell={model},{seed},{output}"],
-                              cwd=folder, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"cell {model} seed {seed} failed (exit {done.returncode})")
-        print(f"    {json.load(open(output))['test']}  ({time.time() - begin:.0f} s)", flush=True)
+    failed = run_cells(args.suite, folder, todo, args.jobs)
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
+    if not cells:
+        raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed")
     rows = summarize(suite, cells)
-    print(write_reports(suite, rows, folder, time.time() - start))
+    print(write_reports(suite, rows, folder, time.time() - start, args.jobs))
     metric = suite.get("plot_metric") or sorted(cells[0]["test"])[0]
     print(f"plot: {plot_uplift(cells, suite, metric, os.path.join(folder, 'uplift.png'))}")
     cost = plot_cost(rows, metric, os.path.join(folder, "cost.png"))
     if cost:
         print(f"cost/quality plot: {cost}")
+    if failed:
+        raise SystemExit(f"{len(failed)} cells failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

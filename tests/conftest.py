@@ -91,7 +91,8 @@ def tiny_config(workdir, tiny_encoder):
         "hein_hidden_sizes": [16, 8],
         "show_progress": False,
         "state": "WARNING",
-        "use_gpu": False,
+        # RECBOLE_LLMK_TEST_GPU=1 runs the same tests on the GPU path (a GPU machine, not CI)
+        "use_gpu": os.environ.get("RECBOLE_LLMK_TEST_GPU") == "1",
         "seed": 2020,
         "reproducibility": True,
     }

@@ -20,7 +20,7 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     path = workdir / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command + ["--jobs", "2"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     folder = workdir / "results" / "suite"
     cells = sorted(os.listdir(folder / "cells"))

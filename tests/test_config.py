@@ -59,7 +59,7 @@ def test_stock_model_through_plugin_matches_recbole(tiny_config):
     dataset = recbole_create_dataset(config)
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = recbole_get_model("DeepFM")(config, train_data._dataset)
+    model = recbole_get_model("DeepFM")(config, train_data._dataset).to(config["device"])
     trainer = Trainer(config, model)
     trainer.fit(train_data, valid_data, saved=False, show_progress=False)
     theirs = trainer.evaluate(test_data, load_best_model=False)
@@ -77,7 +77,7 @@ def test_command_line_overrides_and_config_files(tiny_config, workdir):
     command = [sys.executable, os.path.join(ROOT, "run_recbole_llmk.py"), "--model=DeepFM_REKI", "--dataset=tiny",
                f"--config_files={config_file}", "--epochs=1", "--hein_n_shared=1", "--state=INFO"]
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))))
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
     assert "test result" in log and "auc" in log

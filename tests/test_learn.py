@@ -40,9 +40,9 @@ def build(config_dict, dataset="tiny"):
 def test_user_embedding_is_causal(learn_config):
     *_, model = build(learn_config)
     model.content[1:] = torch.randn_like(model.content[1:])  # the tiny encoder reads every title as [UNK]
-    history = torch.tensor([[3, 5, 7, 9, 11, 0, 0, 0], [2, 4, 6, 8, 10, 12, 14, 16]])
+    history = torch.tensor([[3, 5, 7, 9, 11, 0, 0, 0], [2, 4, 6, 8, 10, 12, 14, 16]], device=model.device)
     changed = history.clone()
-    changed[:, 3:] = torch.tensor([[20, 21, 0, 0, 0], [22, 23, 24, 25, 26]])
+    changed[:, 3:] = torch.tensor([[20, 21, 0, 0, 0], [22, 23, 24, 25, 26]], device=model.device)
     with torch.no_grad():
         before, after = model.user_tower(history), model.user_tower(changed)
     assert torch.equal(before[:, :3], after[:, :3])  # positions 0..2 never see positions 3..
@@ -88,9 +88,9 @@ def test_item_tower_3_uses_content_embeddings_unchanged(learn_config):
     config, train_data, *_, model = build(dict(learn_config, item_tower=3))
     store = KnowledgeStore.open(config["knowledge_store"])
     dataset = train_data._dataset
-    expected = torch.from_numpy(store.aligned("item", dataset, dataset.iid_field))
+    expected = torch.from_numpy(store.aligned("item", dataset, dataset.iid_field)).to(model.device)
     assert torch.equal(model.item_embeddings(), expected)
-    targets = torch.tensor([[1, 4, 9]])
+    targets = torch.tensor([[1, 4, 9]], device=model.device)
     assert torch.equal(model.target_tower(targets), expected[targets])
     batch = next(iter(train_data)).to(model.device)
     assert model.full_sort_predict(batch).shape == (len(batch), dataset.item_num)
@@ -99,7 +99,7 @@ def test_item_tower_3_uses_content_embeddings_unchanged(learn_config):
 
 def test_item_tower_2_trains_items_as_it_evaluates_them(learn_config):
     *_, model = build(dict(learn_config, item_tower=2))
-    targets = torch.tensor([[4, 9, 2, 0]])
+    targets = torch.tensor([[4, 9, 2, 0]], device=model.device)
     with torch.no_grad():
         trained = model.target_tower(targets)[0, :3]
         evaluated = model.item_embeddings()[targets[0, :3]]
@@ -156,7 +156,7 @@ def test_training_samples_use_the_training_split_only(learn_config):
             held_out.setdefault(user, set()).add(item)
     seen_users = set()
     for batch in train_data:
-        users, history, _, targets, _ = model.training_samples(batch)
+        users, history, _, targets, _ = model.training_samples(batch.to(model.device))
         assert len(set(users.tolist())) == len(users)  # one window per user and batch
         for user, hist, tgt in zip(users.tolist(), history.tolist(), targets.tolist()):
             used = {i for i in hist + tgt if i}

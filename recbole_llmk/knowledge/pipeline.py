@@ -10,7 +10,10 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from recbole_llmk.knowledge.encoder import TextEncoder
 from recbole_llmk.knowledge.store import KnowledgeStore
@@ -80,13 +83,30 @@ def ensure_store(config, settings, make_plan):
 
     ``make_plan()`` -> a :class:`KnowledgePlan`; it is only called when the store is built."""
     path = store_path(config, settings)
-    logger = logging.getLogger()
-    if KnowledgeStore.exists(path) and not config["knowledge_rebuild"]:
-        store = KnowledgeStore.open(path)
-        store.check(settings)
-        logger.info(f"using knowledge store {path}")
-        return store
-    return build_store(config, settings, make_plan(), path)
+    # Runs in parallel (benchmark cells, a grid search) may want the same store: one builds it
+    # while the others wait, then they open it.
+    with store_lock(path):
+        if KnowledgeStore.exists(path) and not config["knowledge_rebuild"]:
+            store = KnowledgeStore.open(path)
+            store.check(settings)
+            logging.getLogger().info(f"using knowledge store {path}")
+            return store
+        return build_store(config, settings, make_plan(), path)
+
+
+@contextmanager
+def store_lock(path):
+    """An exclusive lock on ``<path>.lock`` for as long as the block runs (released if the
+    process dies, so a killed build never blocks the next run)."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path.rstrip("/") + ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_store(config, settings, plan, path):
@@ -113,7 +133,12 @@ def build_store(config, settings, plan, path):
     entries = {kind: (tokens, rows, [""] * len(tokens)) for kind, (tokens, rows) in (plan.vectors or {}).items()}
     for kind, rows in plan.layout.items():
         tokens = list(rows)
-        entries[kind] = (tokens, [vectors[rows[t]] for t in tokens], [texts[rows[t]] for t in tokens])
+        # a kind nobody got (e.g. no user's training likes match a released cluster) is stored
+        # empty, and every id then gets the default vector for it
+        rows_of = np.stack([vectors[rows[t]] for t in tokens]) if tokens else np.zeros((0, encoder_dim or 0), np.float32)
+        if not tokens:
+            logging.getLogger().warning(f"knowledge kind '{kind}': no user or item has any; all get the default vector")
+        entries[kind] = (tokens, rows_of, [texts[rows[t]] for t in tokens])
     meta = dict(settings, generation=asdict(report), llm_backend_model=backend.model_id,
                 encoder_dim=encoder_dim, build_seconds=round(time.time() - start, 2),
                 created=time.strftime("%Y-%m-%d %H:%M:%S"), distinct_texts=len(keys))
