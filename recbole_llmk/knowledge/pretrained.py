@@ -91,22 +91,22 @@ def train_on_split(config, frame, model, overrides=None):
 def pretrained_vectors(config, frame, model, epochs, overrides=None):
     """``{"user": (tokens, vectors), "item": (tokens, vectors)}`` of ``model`` trained for
     ``epochs`` on the split whose training interactions are ``frame``; built once, then cached."""
-    from recbole_llmk.knowledge.pipeline import digest
+    from recbole_llmk.knowledge.pipeline import digest, store_lock
 
     overrides = dict(overrides or {}, epochs=epochs)
     key = digest([split_fingerprint(frame), model, overrides, config["seed"]])
     path = os.path.join(config["knowledge_dir"] or "saved/knowledge", config["dataset"], f"pretrained-{model}-{key}.npz")
-    if os.path.isfile(path):
-        saved = np.load(path, allow_pickle=False)
-        logging.getLogger().info(f"pretrained {model} vectors from {path}")
-        return {side: (list(saved[f"{side}_tokens"]), saved[f"{side}_vectors"]) for side in ("user", "item")}
-    _, dataset, _, net = train_on_split(config, frame, model, overrides)
-    users, items = id_vectors(net)
-    result = {"user": ([str(t) for t in dataset.field2id_token[dataset.uid_field][1:]], users[1:]),
-              "item": ([str(t) for t in dataset.field2id_token[dataset.iid_field][1:]], items[1:])}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[:-4] + ".partial.npz"
-    np.savez(tmp, **{f"{side}_{part}": np.asarray(value) for side, (tokens, vectors) in result.items()
-                     for part, value in (("tokens", tokens), ("vectors", vectors))})
-    os.replace(tmp, path)
-    return result
+    with store_lock(path):  # parallel runs on one split train the model once
+        if os.path.isfile(path):
+            saved = np.load(path, allow_pickle=False)
+            logging.getLogger().info(f"pretrained {model} vectors from {path}")
+            return {side: (list(saved[f"{side}_tokens"]), saved[f"{side}_vectors"]) for side in ("user", "item")}
+        _, dataset, _, net = train_on_split(config, frame, model, overrides)
+        users, items = id_vectors(net)
+        result = {"user": ([str(t) for t in dataset.field2id_token[dataset.uid_field][1:]], users[1:]),
+                  "item": ([str(t) for t in dataset.field2id_token[dataset.iid_field][1:]], items[1:])}
+        tmp = path[:-4] + ".partial.npz"
+        np.savez(tmp, **{f"{side}_{part}": np.asarray(value) for side, (tokens, vectors) in result.items()
+                         for part, value in (("tokens", tokens), ("vectors", vectors))})
+        os.replace(tmp, path)
+        return result
