@@ -295,7 +295,8 @@ def run_cells(suite_path, folder, todo, jobs=1):
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
 
     def run(index, label, seed):
-        output = os.path.join(folder, "cells", f"{label}-{seed}.json")
+        # labels name sweeps freely ("collective-80/100"); a file name has no "/"
+        output = os.path.join(folder, "cells", f"{label.replace(os.sep, '_')}-{seed}.json")
         if os.path.isfile(output):
             print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
             return None

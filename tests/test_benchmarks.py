@@ -16,7 +16,8 @@ import run_suite  # noqa: E402
 
 def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
-    suite = {"dataset": "tiny", "models": ["DeepFM", "DeepFM_REKI"], "seeds": [1, 2], "config": config}
+    suite = {"dataset": "tiny", "models": ["DeepFM", {"label": "DeepFM_REKI/all", "model": "DeepFM_REKI"}],
+             "seeds": [1, 2], "config": config}
     path = workdir / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
@@ -24,14 +25,14 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert first.returncode == 0, first.stderr[-3000:]
     folder = workdir / "results" / "suite"
     cells = sorted(os.listdir(folder / "cells"))
-    assert cells == ["DeepFM-1.json", "DeepFM-2.json", "DeepFM_REKI-1.json", "DeepFM_REKI-2.json"]
+    assert cells == ["DeepFM-1.json", "DeepFM-2.json", "DeepFM_REKI_all-1.json", "DeepFM_REKI_all-2.json"]
     with open(folder / "summary.csv") as f:
         rows = {r["model"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"DeepFM", "DeepFM_REKI"}
-    assert rows["DeepFM_REKI"]["auc_p"] != "" and rows["DeepFM"]["auc_p"] == ""
-    assert float(rows["DeepFM_REKI"]["infer_batch_ms_prestored"]) > 0
-    assert float(rows["DeepFM_REKI"]["llm_prompts"]) == 30 + 40 and float(rows["DeepFM_REKI"]["llm_calls"]) == 0
-    assert "| DeepFM_REKI | 2 |" in (folder / "summary.md").read_text()
+    assert set(rows) == {"DeepFM", "DeepFM_REKI/all"}
+    assert rows["DeepFM_REKI/all"]["auc_p"] != "" and rows["DeepFM"]["auc_p"] == ""
+    assert float(rows["DeepFM_REKI/all"]["infer_batch_ms_prestored"]) > 0
+    assert float(rows["DeepFM_REKI/all"]["llm_prompts"]) == 30 + 40 and float(rows["DeepFM_REKI/all"]["llm_calls"]) == 0
+    assert "| DeepFM_REKI/all | 2 |" in (folder / "summary.md").read_text()
     assert (folder / "uplift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     stamps = {c: os.path.getmtime(folder / "cells" / c) for c in cells}
