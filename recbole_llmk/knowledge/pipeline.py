@@ -133,12 +133,12 @@ def build_store(config, settings, plan, path):
     entries = {kind: (tokens, rows, [""] * len(tokens)) for kind, (tokens, rows) in (plan.vectors or {}).items()}
     for kind, rows in plan.layout.items():
         tokens = list(rows)
-        # a kind nobody got (e.g. no user's training likes match a released cluster) is stored
-        # empty, and every id then gets the default vector for it
-        rows_of = np.stack([vectors[rows[t]] for t in tokens]) if tokens else np.zeros((0, encoder_dim or 0), np.float32)
-        if not tokens:
+        if tokens:
+            kind_vectors = np.stack([vectors[rows[t]] for t in tokens])
+        else:  # e.g. no user's training likes match a released cluster: all get the default vector
             logging.getLogger().warning(f"knowledge kind '{kind}': no user or item has any; all get the default vector")
-        entries[kind] = (tokens, rows_of, [texts[rows[t]] for t in tokens])
+            kind_vectors = np.zeros((0, encoder_dim or 0), np.float32)
+        entries[kind] = (tokens, kind_vectors, [texts[rows[t]] for t in tokens])
     meta = dict(settings, generation=asdict(report), llm_backend_model=backend.model_id,
                 encoder_dim=encoder_dim, build_seconds=round(time.time() - start, 2),
                 created=time.strftime("%Y-%m-%d %H:%M:%S"), distinct_texts=len(keys))
