@@ -122,7 +122,8 @@ class Describer:
     def user_contexts(self, frame, users, length):
         """``{user: (profile, history text)}`` for ``users``: the profile from the ``.user`` file
         and the user's last ``length`` interactions of ``frame`` (a *training* frame, see
-        ``history.training_interactions``), with ratings from the raw file when RecBole dropped them."""
+        ``history.training_interactions``), with ratings as the raw file gives them (RecBole may
+        have dropped or rescaled them, see ``with_ratings``)."""
         from recbole_llmk.knowledge.history import recent_histories
 
         frame = self.with_ratings(frame)
