@@ -50,3 +50,16 @@ class LLMKConfig(Config):
                 self._update_internal_config_dict(file)
         self.internal_config_dict["base_model"] = base
         self.internal_config_dict["technique"] = technique
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        self.final_config_dict["data_path"] = atomic_files_folder(self.final_config_dict["data_path"], self.dataset)
+
+
+def atomic_files_folder(path, dataset):
+    """RecBole reads ``<data_path>/<dataset>/<dataset>.inter``; also accept a ``data_path`` that holds
+    ``<dataset>.inter`` itself (a folder named otherwise, e.g. ../shared/data/amazon-beauty/recbole)."""
+    parent = os.path.dirname(os.path.normpath(path))
+    if not os.path.isdir(path) and os.path.isfile(os.path.join(parent, f"{dataset}.inter")):
+        return parent
+    return path

@@ -96,3 +96,12 @@ def test_package_data_ships_every_yaml_and_template():
     package = Path(ROOT) / "recbole_llmk"
     data = [p.relative_to(package).as_posix() for p in package.rglob("*") if p.suffix in (".yaml", ".txt")]
     assert data and all(any(fnmatch(f, pattern) for pattern in patterns) for f in data), data
+
+
+def test_data_path_may_hold_the_atomic_files_itself(workdir):
+    """A folder not named after the dataset (../shared/data/amazon-beauty/recbole) works as data_path."""
+    folder = str(workdir / "data" / "tiny")
+    config = LLMKConfig("DeepFM", "tiny", config_dict={"data_path": folder, "state": "WARNING"})
+    assert os.path.samefile(config["data_path"], folder)
+    config = LLMKConfig("DeepFM", "tiny", config_dict={"data_path": str(workdir / "data"), "state": "WARNING"})
+    assert os.path.samefile(config["data_path"], folder)

@@ -31,7 +31,7 @@ def derived_config(config, model, overrides=None):
     carried = [*dataset_arguments, "seed", "reproducibility", "use_gpu", "gpu_id", "state", "show_progress",
                "checkpoint_dir"]
     values = {k: config[k] for k in carried if config[k] is not None}
-    values["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))  # RecBole appends the dataset
+    values["data_path"] = config["data_path"]  # the dataset's own folder: LLMKConfig accepts it as it is
     split = {k: config["eval_args"][k] for k in ("split", "order", "group_by") if k in config["eval_args"]}
     values.update(eval_args=dict(split, mode="full"), **(overrides or {}))
     return DerivedConfig(model, config["dataset"], config_dict=values)
