@@ -316,6 +316,17 @@ def run_cells(suite_path, folder, todo, jobs=1):
     return [o for o in outcomes if o]
 
 
+def run_setup(suite):
+    """The suite's ``setup`` commands (idempotent ones, e.g. writing a model a cell reads), in the
+    repository, before any cell; ``{python}`` is this interpreter, ``{repo}`` the repository."""
+    import shlex
+
+    for command in suite.get("setup") or []:
+        argv = [part.format(python=sys.executable, repo=ROOT) for part in shlex.split(command)]
+        print(f"setup: {' '.join(argv)}", flush=True)
+        subprocess.run(argv, cwd=ROOT, check=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite")
@@ -341,6 +352,7 @@ def main():
     models = args.only.split(",") if args.only else list(by_label)
     todo = [(m, s) for m in models for s in suite["seeds"]]
     start = time.time()
+    run_setup(suite)
     failed = run_cells(args.suite, folder, todo, args.jobs)
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     if not cells:

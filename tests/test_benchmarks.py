@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from scipy import stats
@@ -85,3 +86,25 @@ def test_suite_paths_may_start_at_the_repository():
     config = run_suite.cell_config(suite, run_suite.entries(suite)[0], 1)
     assert config["reki_release_path"] == f"{ROOT}/../shared/x"
     assert config["n"] == 3 and config["seed"] == 1
+
+
+def test_setup_commands_run_in_the_repository_before_the_cells(tmp_path):
+    out = tmp_path / "made.txt"
+    suite = {"setup": [f"{{python}} -c \"import os; open(r'{out}', 'w').write(os.getcwd())\""]}
+    run_suite.run_setup(suite)
+    assert os.path.samefile(out.read_text(), ROOT)
+    with pytest.raises(subprocess.CalledProcessError):
+        run_suite.run_setup({"setup": ["{python} -c \"raise SystemExit(3)\""]})
+
+
+def test_random_encoder_has_the_asked_width_and_tells_texts_apart(tmp_path):
+    from random_encoder import write_random_encoder
+
+    from recbole_llmk.knowledge.encoder import TextEncoder
+
+    path = write_random_encoder(128, str(tmp_path / "random-128"))
+    encoder = TextEncoder(path)
+    vectors = encoder.encode(["a red lipstick", "a science fiction movie", "a red lipstick"])
+    assert encoder.dim == 128 and vectors.shape == (3, 128)
+    assert np.allclose(vectors[0], vectors[2]) and not np.allclose(vectors[0], vectors[1])
+    assert write_random_encoder(128, path) == path  # already there: left as it is
