@@ -4,8 +4,10 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
+from recbole_llmk.knowledge.clustering import load_clusterer
 from recbole_llmk.knowledge.history import training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore
 from recbole_llmk.quick_start import prepare, run_recbole_llmk
@@ -30,6 +32,12 @@ def test_collective_knowledge_trains_with_capped_clusters_and_fewer_prompts(coll
     for kind, cap in (("item", 8), ("user", 10)):
         clusters = json.load(open(os.path.join(store.path, f"{kind}_clusters.json")))
         assert max(map(len, clusters.values())) <= cap and sum(map(len, clusters.values())) == {"item": 40, "user": 30}[kind]
+        # the clusterer itself is kept: reloaded, it holds the same clusters and takes new members
+        clusterer = load_clusterer(os.path.join(store.path, f"{kind}_clusterer"))
+        assert json.loads(json.dumps(clusterer.clusters(), default=str)) == clusters
+        width = (clusterer.kernel.centers if method == "streakhc" else clusterer._X).shape[-1]
+        clusterer.insert(np.zeros((1, width), np.float32), ids=["newcomer"])
+        assert sum(map(len, clusterer.clusters().values())) == sum(map(len, clusters.values())) + 1
     prompts = store.meta["generation"]["requested"]
     assert 40 / 8 + 30 / 10 <= prompts < 30 + 40  # at least one per cluster, far fewer than one per user and item
 

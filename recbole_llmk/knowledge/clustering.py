@@ -78,14 +78,15 @@ def _clusters_of(ids, labels):
     return dict(sorted(out.items()))
 
 
-def _read_state(path, name):
-    """The JSON state of a saved clusterer, with a clear error when the folder is not one."""
+def _read_state(path, name=None):
+    """The JSON state of a saved clusterer (of class ``name``, when given), with a clear error
+    when the folder is not one."""
     file = os.path.join(path, "clusterer.json")
     if not os.path.isfile(file):
-        raise ClusteringError(f"{file} not found: {path} is not a saved {name}")
+        raise ClusteringError(f"{file} not found: {path} is not a saved {name or 'clusterer'}")
     with open(file, encoding="utf-8") as f:
         state = json.load(f)
-    if state.get("class") != name:
+    if name and state.get("class") != name:
         raise ClusteringError(f"{file} holds a {state.get('class')}, not a {name}")
     return state
 
@@ -671,6 +672,16 @@ def make_clusterer(config, kind="item"):
     if method == "kmeans":
         return KMeansClusterer(max_cluster_size=cap, seed=seed)
     raise ClusteringError(f"cluster_method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+
+
+def load_clusterer(path):
+    """A clusterer saved by its ``save`` (e.g. a REKI-C store's ``item_clusterer`` folder), ready
+    for ``insert``: new users or items join the existing clusters without a rebuild."""
+    kinds = {cls.__name__: cls for cls in (StreamingKernelTree, KMeansClusterer)}
+    name = _read_state(path).get("class")
+    if name not in kinds:
+        raise ClusteringError(f"{path}: saved clusterer class {name!r} is not one of {sorted(kinds)}")
+    return kinds[name].load(path)
 
 
 def top_d_items(histories, d=15):

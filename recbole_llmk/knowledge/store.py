@@ -29,14 +29,18 @@ class KnowledgeStore:
 
     @classmethod
     def write(cls, path, meta, entries, files=None):
-        """``entries``: kind -> (tokens, vectors, texts); ``files``: extra ``{name: text}`` to keep
-        with the store. Written to a temp name, then renamed, so an interrupted build never leaves
-        a store that looks complete."""
+        """``entries``: kind -> (tokens, vectors, texts); ``files``: extra things to keep with the
+        store, ``{name: text}``, or ``{name: writer}`` where ``writer(path)`` saves a folder (e.g.
+        a clusterer's ``save``). Written to a temp name, then renamed, so an interrupted build
+        never leaves a store that looks complete."""
         tmp = path.rstrip("/") + ".partial"
         os.makedirs(tmp, exist_ok=True)
-        for name, text in (files or {}).items():
+        for name, content in (files or {}).items():
+            if callable(content):
+                content(os.path.join(tmp, name))
+                continue
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
+                f.write(content)
         for kind, (tokens, vectors, texts) in entries.items():
             if len(tokens) != len(vectors) or len(tokens) != len(texts):
                 raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")

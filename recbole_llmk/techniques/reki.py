@@ -117,6 +117,7 @@ def collective_plan(config, dataset, frame, prompts):
         clusterer = make_clusterer(config, kind).fit(points, ids)
         clusters[kind] = {str(i): int(c) for i, c in zip(clusterer.ids, clusterer.labels_)}
         files[f"{kind}_clusters.json"] = json.dumps(clusterer.clusters(), default=str)
+        files[f"{kind}_clusterer"] = clusterer.save  # the tree itself, ready for load_clusterer + insert
     likes = liked_and_disliked(frame, prompts.describer, {t: t for t in item_tokens}, config, every_like=True)
     describe = prompts.describer.describe("item")
     text = {t: describe.get(t) or f"{prompts.hook.item_noun} {t}" for t in item_tokens}
