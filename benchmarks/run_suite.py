@@ -34,8 +34,9 @@ def stock_of(model):
 
 def load_suite(path):
     """A suite: dataset, seeds, config, model_config, and ``models``: each a model name, or
-    ``{label, model, config, stock}`` for a variant of a model under other settings (a sweep);
-    ``stock`` names the label it is compared with (default: its stock RecBole backbone)."""
+    ``{label, model, config, stock, seeds}`` for a variant of a model under other settings (a
+    sweep); ``stock`` names the label it is compared with (default: its stock RecBole backbone),
+    ``seeds`` narrows the suite's seeds for that entry (e.g. a row that only measures time)."""
     with open(path, encoding="utf-8") as f:
         suite = yaml.safe_load(f)
     for key in ("dataset", "models", "seeds"):
@@ -50,15 +51,24 @@ def load_suite(path):
 
 def entry_of(item):
     if isinstance(item, str):
-        return {"label": item, "model": item, "config": {}, "stock": stock_of(item)}
+        return {"label": item, "model": item, "config": {}, "stock": stock_of(item), "seeds": None}
     if "model" not in item:
         raise ValueError(f"suite entry {item} needs 'model'")
     return {"label": item.get("label", item["model"]), "model": item["model"], "config": item.get("config", {}),
-            "stock": item.get("stock", stock_of(item["model"]))}
+            "stock": item.get("stock", stock_of(item["model"])), "seeds": item.get("seeds")}
 
 
 def entries(suite):
     return suite.get("entries") or [entry_of(m) for m in suite["models"]]
+
+
+def cells_of(suite, labels):
+    """(label, seed) of every cell of the entries ``labels``, in suite order."""
+    by_label = {e["label"]: e for e in entries(suite)}
+    unknown = [label for label in labels if label not in by_label]
+    if unknown:
+        raise SystemExit(f"--only names no entry of the suite: {', '.join(unknown)} (entries: {', '.join(by_label)})")
+    return [(label, seed) for label in labels for seed in by_label[label]["seeds"] or suite["seeds"]]
 
 
 def cell_config(suite, entry, seed):
@@ -350,7 +360,7 @@ def main():
     folder = os.path.join(args.results, suite["name"])
     os.makedirs(os.path.join(folder, "cells"), exist_ok=True)
     models = args.only.split(",") if args.only else list(by_label)
-    todo = [(m, s) for m in models for s in suite["seeds"]]
+    todo = cells_of(suite, models)
     start = time.time()
     run_setup(suite)
     failed = run_cells(args.suite, folder, todo, args.jobs)
