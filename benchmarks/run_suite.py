@@ -125,6 +125,8 @@ def run_cell(model, dataset, config, label=None):
         cell["infer_batch_ms_prestored"] = inference_ms(net, test_data)
         cell["test_prestored"] = dict(trainer.evaluate(test_data, load_best_model=False))
     cell["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # how busy the machine was: times of cells that shared the CPU with other work are not clean
+    cell["load_average_1min"] = os.getloadavg()[0]
     if torch.cuda.is_available():
         cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     os.remove(trainer.saved_model_file)
@@ -254,7 +256,7 @@ def plot_cost(rows, metric, path):
     return path
 
 
-def write_reports(suite, rows, folder, wall_seconds, jobs=1):
+def write_reports(suite, rows, folder, wall_seconds, jobs=1, ran=None, finished=()):
     import csv
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
@@ -286,18 +288,29 @@ def write_reports(suite, rows, folder, wall_seconds, jobs=1):
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     note = (f"\nSuite `{suite['name']}` on {suite['dataset']}, produced by `python benchmarks/run_suite.py "
-            f"{suite.get('path', '')}` on {time.strftime('%Y-%m-%d')} ({machine}); cells ran "
-            f"{wall_seconds / 60:.1f} min in this invocation"
-            f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}. Test-split metrics, mean ± std over seeds; "
+            f"{suite.get('path', '')}` on {time.strftime('%Y-%m-%d')} ({machine}); "
+            + (f"{ran} cells ran {wall_seconds / 60:.1f} min in this invocation" if ran != 0 else
+               "no cell ran in this invocation: the table is rebuilt from cells run earlier")
+            + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
+            + load_note(finished) + ". Test-split metrics, mean ± std over seeds; "
             "p: paired t-test against the stock backbone on the same seeds.\n")
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n" + note)
     return "\n".join(lines) + "\n" + note
 
 
+def load_note(cells):
+    """The 1-minute load average at the end of the cells that recorded it, against the cores."""
+    loads = [c["load_average_1min"] for c in cells if c.get("load_average_1min") is not None]
+    if not loads:
+        return ""
+    return (f"; load average at the end of {len(loads)} of {len(cells)} cells: {min(loads):.1f}-{max(loads):.1f} "
+            f"on {os.cpu_count()} cores (above the cores: the cells shared the CPU with other work)")
+
+
 def run_cells(suite_path, folder, todo, jobs=1):
     """Run the unfinished (label, seed) cells, ``jobs`` processes at a time, each in its own
-    process; -> the cells that failed (their stderr is printed, the others go on)."""
+    process; -> (the cells that failed (their stderr is printed, the others go on), how many ran)."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = dict(os.environ)
@@ -309,7 +322,7 @@ def run_cells(suite_path, folder, todo, jobs=1):
         output = os.path.join(folder, "cells", f"{label.replace(os.sep, '_')}-{seed}.json")
         if os.path.isfile(output):
             print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
-            return None
+            return "skipped"
         print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
         begin = time.time()
         done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path, f"--cell={label},{seed},{output}"],
@@ -323,7 +336,7 @@ def run_cells(suite_path, folder, todo, jobs=1):
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda job: run(job[0], *job[1]), enumerate(todo, 1)))
-    return [o for o in outcomes if o]
+    return [o for o in outcomes if o and o != "skipped"], sum(o != "skipped" for o in outcomes)
 
 
 def run_setup(suite):
@@ -363,12 +376,12 @@ def main():
     todo = cells_of(suite, models)
     start = time.time()
     run_setup(suite)
-    failed = run_cells(args.suite, folder, todo, args.jobs)
+    failed, ran = run_cells(args.suite, folder, todo, args.jobs)
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     if not cells:
         raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed")
     rows = summarize(suite, cells)
-    print(write_reports(suite, rows, folder, time.time() - start, args.jobs))
+    print(write_reports(suite, rows, folder, time.time() - start, args.jobs, ran, cells))
     metric = suite.get("plot_metric") or sorted(cells[0]["test"])[0]
     print(f"plot: {plot_uplift(cells, suite, metric, os.path.join(folder, 'uplift.png'))}")
     cost = plot_cost(rows, metric, os.path.join(folder, "cost.png"))

@@ -33,13 +33,16 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert rows["DeepFM_REKI/all"]["auc_p"] != "" and rows["DeepFM"]["auc_p"] == ""
     assert float(rows["DeepFM_REKI/all"]["infer_batch_ms_prestored"]) > 0
     assert float(rows["DeepFM_REKI/all"]["llm_prompts"]) == 30 + 40 and float(rows["DeepFM_REKI/all"]["llm_calls"]) == 0
-    assert "| DeepFM_REKI/all | 2 |" in (folder / "summary.md").read_text()
+    summary = (folder / "summary.md").read_text()
+    assert "| DeepFM_REKI/all | 2 |" in summary
+    assert "4 cells ran" in summary and "load average at the end of 4 of 4 cells" in summary
     assert (folder / "uplift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     stamps = {c: os.path.getmtime(folder / "cells" / c) for c in cells}
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier, skipped") == 4
+    assert "no cell ran in this invocation" in (folder / "summary.md").read_text()
     assert stamps == {c: os.path.getmtime(folder / "cells" / c) for c in cells}
 
 
