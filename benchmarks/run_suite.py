@@ -256,7 +256,7 @@ def plot_cost(rows, metric, path):
     return path
 
 
-def write_reports(suite, rows, folder, wall_seconds, jobs=1, ran=None, finished=()):
+def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
     import csv
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
@@ -289,7 +289,7 @@ def write_reports(suite, rows, folder, wall_seconds, jobs=1, ran=None, finished=
         machine += f", {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     note = (f"\nSuite `{suite['name']}` on {suite['dataset']}, produced by `python benchmarks/run_suite.py "
             f"{suite.get('path', '')}` on {time.strftime('%Y-%m-%d')} ({machine}); "
-            + (f"{ran} cells ran {wall_seconds / 60:.1f} min in this invocation" if ran != 0 else
+            + (f"{ran} cells ran {wall_seconds / 60:.1f} min in this invocation" if ran else
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
             + load_note(finished) + ". Test-split metrics, mean ± std over seeds; "
@@ -308,6 +308,11 @@ def load_note(cells):
             f"on {os.cpu_count()} cores (above the cores: the cells shared the CPU with other work)")
 
 
+def cell_file(folder, label, seed):
+    # labels name sweeps freely ("collective-80/100"); a file name has no "/"
+    return os.path.join(folder, "cells", f"{label.replace(os.sep, '_')}-{seed}.json")
+
+
 def run_cells(suite_path, folder, todo, jobs=1):
     """Run the unfinished (label, seed) cells, ``jobs`` processes at a time, each in its own
     process; -> (the cells that failed (their stderr is printed, the others go on), how many ran)."""
@@ -316,13 +321,15 @@ def run_cells(suite_path, folder, todo, jobs=1):
     env = dict(os.environ)
     if jobs > 1:  # cells share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    pending = []
+    for index, (label, seed) in enumerate(todo, 1):
+        if os.path.isfile(cell_file(folder, label, seed)):
+            print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
+        else:
+            pending.append((index, label, seed))
 
     def run(index, label, seed):
-        # labels name sweeps freely ("collective-80/100"); a file name has no "/"
-        output = os.path.join(folder, "cells", f"{label.replace(os.sep, '_')}-{seed}.json")
-        if os.path.isfile(output):
-            print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
-            return "skipped"
+        output = cell_file(folder, label, seed)
         print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
         begin = time.time()
         done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path, f"--cell={label},{seed},{output}"],
@@ -335,8 +342,8 @@ def run_cells(suite_path, folder, todo, jobs=1):
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        outcomes = list(pool.map(lambda job: run(job[0], *job[1]), enumerate(todo, 1)))
-    return [o for o in outcomes if o and o != "skipped"], sum(o != "skipped" for o in outcomes)
+        outcomes = list(pool.map(lambda job: run(*job), pending))
+    return [o for o in outcomes if o], len(pending)
 
 
 def run_setup(suite):
