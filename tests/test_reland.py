@@ -160,6 +160,8 @@ def test_ablations_and_unsupported_models(reland_config):
     f_item = run_recbole_llmk("SASRec_ReLand", "tiny", config_dict=dict(
         for_model(reland_config, "SASRec"), reland_user_rationale=False))
     assert f_item["model"].user_fusion is None and isinstance(f_item["model"].item_embedding, FusedEmbedding)
+    store = KnowledgeStore.open(f_item["knowledge_store"])  # item text only: no seeds were asked
+    assert store.meta["kinds"] == ["item"] and store.meta["generation"]["requested"] == 0
     id_only = run_recbole_llmk("BPR_ReLand", "tiny", config_dict=dict(reland_config, reland_user_rationale=False,
                                                                         reland_item_text=False))
     assert id_only["knowledge_store"] is None and isinstance(id_only["model"].user_embedding, torch.nn.Embedding)
@@ -184,6 +186,21 @@ def test_no_valid_or_test_item_reaches_a_seed_prompt(reland_config, base):
         user = request.key.split(":", 1)[1]
         shown = items_in(request.prompt)
         assert shown and shown <= set(train.loc[train["user"] == user, "item"])
+
+
+def test_item_text_alone_trains_no_behaviour_encoder_and_serves_every_seed(reland_config, monkeypatch):
+    import recbole_llmk.techniques.reland as technique
+
+    def no_encoder(*args):
+        raise AssertionError("+f_item needs no behaviour encoder")
+
+    monkeypatch.setattr(technique, "train_behaviour_encoder", no_encoder)
+    config, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(reland_config, reland_user_rationale=False))
+    settings, make_plan = reland_requests(config, training_dataset(train_data))
+    plan = make_plan()
+    assert not plan.requests and set(plan.layout) == {"item"}
+    config["seed"] += 1
+    assert reland_requests(config, training_dataset(train_data))[0] == settings
 
 
 def test_behaviour_encoder_refuses_another_split(reland_config):

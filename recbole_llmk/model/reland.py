@@ -31,6 +31,7 @@ from torch import nn
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore
 from recbole_llmk.model.layers import AttentionFusion, FusedEmbedding
+from recbole_llmk.techniques.reland import uses_side
 
 # General models without an ID table per user or item to fuse into, and why.
 UNSUPPORTED = {
@@ -53,13 +54,14 @@ def id_tables(model, side, n):
 
 
 def knowledge_tables(config, dataset):
-    """The ReLand store's user and item tables, aligned to ``dataset``'s internal ids."""
+    """The ReLand store's tables for the sides the run fuses, aligned to ``dataset``'s internal ids."""
     store = KnowledgeStore.open(config["knowledge_store"])
     store.check({"technique": "ReLand", "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
     default = config["knowledge_default"] or "mean"
-    return {"user": torch.from_numpy(store.aligned("user", dataset, config["USER_ID_FIELD"], default)),
-            "item": torch.from_numpy(store.aligned("item", dataset, config["ITEM_ID_FIELD"], default))}
+    fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"]}
+    return {side: torch.from_numpy(store.aligned(side, dataset, field, default))
+            for side, field in fields.items() if uses_side(config, side)}
 
 
 def fuse_tables(model, side, table):
@@ -70,11 +72,6 @@ def fuse_tables(model, side, table):
         setattr(model, name, FusedEmbedding(getattr(model, name), table))
 
 
-def uses(config, side):
-    key = {"user": "reland_user_rationale", "item": "reland_item_text"}[side]
-    return config[key] is None or bool(config[key])
-
-
 class ReLandMixin:
     """Knowledge building shared by both families."""
 
@@ -82,7 +79,7 @@ class ReLandMixin:
 
     @classmethod
     def prepare_knowledge(cls, config, train_data):
-        if not (uses(config, "user") or uses(config, "item")):
+        if not (uses_side(config, "user") or uses_side(config, "item")):
             return None  # the ID-only ablation
         from recbole_llmk.techniques.reland import build_reland_knowledge
 
@@ -97,7 +94,7 @@ class ReLandMixin:
         return {"all": reland_requests(config, training_dataset(train_data))[1]().requests}
 
     def _tables(self, config, dataset):
-        if not (uses(config, "user") or uses(config, "item")):
+        if not (uses_side(config, "user") or uses_side(config, "item")):
             return None
         return knowledge_tables(config, dataset)
 
@@ -109,7 +106,7 @@ class ReLandGeneral(ReLandMixin, GeneralRecommender):
         super().__init__(config, dataset)
         tables = self._tables(config, dataset)
         for side in ("user", "item"):
-            if tables is not None and uses(config, side):
+            if tables is not None and uses_side(config, side):
                 fuse_tables(self, side, tables[side])
 
 
@@ -128,9 +125,9 @@ class ReLandSequential(ReLandMixin, SequentialRecommender):
         if not items:
             raise ValueError(f"{type(self).__name__} has no item ID embedding table")
         dim = getattr(self, items[0]).embedding_dim  # sequence representations are scored against it
-        if uses(config, "item"):
+        if uses_side(config, "item"):
             fuse_tables(self, "item", tables["item"])
-        if uses(config, "user"):
+        if uses_side(config, "user"):
             self.USER_ID = config["USER_ID_FIELD"]
             self.register_buffer("user_knowledge", tables["user"], persistent=False)
             self.user_fusion = AttentionFusion(dim, tables["user"].shape[1])

@@ -27,6 +27,8 @@ training split; the retrieval that assigns them uses the training split only.
 The store holds ``user`` (retrieved rationale) and ``item`` (item description, the "+f_item"
 side) vectors, plus ``reasoning_pool.jsonl`` (seed, behaviour vector, rationale, parse status)
 and ``explanations.tsv`` (each user's seed, similarity and Step 1 summary) for people to read.
+Without the user side (``reland_user_rationale: False``, "+f_item") only the item vectors are
+built: stages 1-4 are skipped.
 """
 
 import json
@@ -235,6 +237,12 @@ def sampler_from(config, n_users):
 
 
 POOL_SOURCES = ("sampled", "released")
+SIDE_KEYS = {"user": "reland_user_rationale", "item": "reland_item_text"}
+
+
+def uses_side(config, side):
+    """Whether the run fuses ReLand knowledge into its ``user`` or ``item`` side (default: both)."""
+    return config[SIDE_KEYS[side]] is None or bool(config[SIDE_KEYS[side]])
 
 
 def reland_requests(config, dataset):
@@ -245,6 +253,11 @@ def reland_requests(config, dataset):
     if source not in POOL_SOURCES:
         raise ValueError(f"reland_pool_source must be one of {POOL_SOURCES}, got '{source}'")
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
+    if not uses_side(config, "user"):
+        # "+f_item": item descriptions only. No behaviour encoder, seeds or rationales, so the store
+        # depends on neither the pool settings nor the run's seed and one serves every seed.
+        settings.update(llm_backend="none", llm_model=None, fused_sides=["item"])
+        return settings, lambda: KnowledgePlan([], *item_layout(dataset, prompts))
     settings["pool"] = digest({k: config[k] for k in (
         "reland_seed_ratio", "reland_seed_count", "reland_n_clusters", "reland_sampling", "reland_round_size",
         "reland_seed", "reland_behaviour_model", "reland_behaviour_epochs", "reland_behaviour_config",
@@ -318,14 +331,19 @@ def reland_plan(config, dataset, frame, prompts, source="sampled"):
     else:
         pool = sampled_pool(config, frame, prompts, users, M, active[users].to_numpy())
     position, similarity = nearest_seeds(M, pool["vectors"])
-    items = prompts.describer.describe("item")
-    item_tokens = list(dataset.field2id_token[dataset.iid_field][1:])
-    texts = {f"item:{i}": items.get(i) or f"{prompts.hook.item_noun} {i}" for i in item_tokens}
-    layout = {"user": {u: f"seed:{pool['seeds'][p]}" for u, p in zip(users, position)},
-              "item": {i: f"item:{i}" for i in item_tokens}}
+    layout, texts = item_layout(dataset, prompts)
+    layout["user"] = {u: f"seed:{pool['seeds'][p]}" for u, p in zip(users, position)}
     pool.update(users=users, position=position, similarity=similarity)
     return KnowledgePlan(pool["requests"], layout, texts, backend=pool["backend"],
                          postprocess=lambda answers: pool_files(answers, pool))
+
+
+def item_layout(dataset, prompts):
+    """The "+f_item" side: every item's description, keyed ``item:<token>``."""
+    items = prompts.describer.describe("item")
+    item_tokens = list(dataset.field2id_token[dataset.iid_field][1:])
+    texts = {f"item:{i}": items.get(i) or f"{prompts.hook.item_noun} {i}" for i in item_tokens}
+    return {"item": {i: f"item:{i}" for i in item_tokens}}, texts
 
 
 def pool_files(answers, pool):
