@@ -162,6 +162,9 @@ def test_ablations_and_unsupported_models(reland_config):
     assert f_item["model"].user_fusion is None and isinstance(f_item["model"].item_embedding, FusedEmbedding)
     store = KnowledgeStore.open(f_item["knowledge_store"])  # item text only: no seeds were asked
     assert store.meta["kinds"] == ["item"] and store.meta["generation"]["requested"] == 0
+    rationale = run_recbole_llmk("BPR_ReLand", "tiny", config_dict=dict(reland_config, reland_item_text=False))
+    assert isinstance(rationale["model"].user_embedding, FusedEmbedding)
+    assert isinstance(rationale["model"].item_embedding, torch.nn.Embedding)
     id_only = run_recbole_llmk("BPR_ReLand", "tiny", config_dict=dict(reland_config, reland_user_rationale=False,
                                                                         reland_item_text=False))
     assert id_only["knowledge_store"] is None and isinstance(id_only["model"].user_embedding, torch.nn.Embedding)
