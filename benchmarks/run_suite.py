@@ -1,6 +1,6 @@
 """Run a benchmark suite: stock RecBole models vs their knowledge-augmented variants.
 
-    python benchmarks/run_suite.py benchmarks/suites/reki_ml100k.yaml [--only DeepFM,DeepFM_REKI] [--results results]
+    python benchmarks/run_suite.py benchmarks/suites/reki_ml100k.yaml [--only DeepFM,DeepFM_REKI] [--seeds 2020,2021] [--results results]
 
 A suite yaml names a dataset, models, seeds and config overrides (see ``benchmarks/suites``).
 Each (model, seed) cell runs in its own process (clean peak memory, clean logging) and is saved
@@ -62,13 +62,18 @@ def entries(suite):
     return suite.get("entries") or [entry_of(m) for m in suite["models"]]
 
 
-def cells_of(suite, labels):
-    """(label, seed) of every cell of the entries ``labels``, in suite order."""
+def cells_of(suite, labels, seeds=None):
+    """(label, seed) of every cell of the entries ``labels``, in suite order; ``seeds`` narrows
+    them to some of the suite's seeds (a session that cannot run them all finishes whole seeds)."""
     by_label = {e["label"]: e for e in entries(suite)}
     unknown = [label for label in labels if label not in by_label]
     if unknown:
         raise SystemExit(f"--only names no entry of the suite: {', '.join(unknown)} (entries: {', '.join(by_label)})")
-    return [(label, seed) for label in labels for seed in by_label[label]["seeds"] or suite["seeds"]]
+    foreign = [seed for seed in seeds or [] if seed not in suite["seeds"]]
+    if foreign:
+        raise SystemExit(f"--seeds names seeds the suite does not have: {foreign} (seeds: {suite['seeds']})")
+    return [(label, seed) for label in labels for seed in by_label[label]["seeds"] or suite["seeds"]
+            if seeds is None or seed in seeds]
 
 
 def cell_config(suite, entry, seed):
@@ -362,6 +367,7 @@ def main():
     parser.add_argument("suite")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--only", default=None, help="comma-separated models to run (summary uses all cells)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds to run (summary uses all cells)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (a GPU machine with many cores)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: model,seed,output
     args = parser.parse_args()
@@ -380,7 +386,7 @@ def main():
     folder = os.path.join(args.results, suite["name"])
     os.makedirs(os.path.join(folder, "cells"), exist_ok=True)
     models = args.only.split(",") if args.only else list(by_label)
-    todo = cells_of(suite, models)
+    todo = cells_of(suite, models, [int(s) for s in args.seeds.split(",")] if args.seeds else None)
     start = time.time()
     run_setup(suite)
     failed, ran = run_cells(args.suite, folder, todo, args.jobs)

@@ -113,8 +113,11 @@ def test_random_encoder_has_the_asked_width_and_tells_texts_apart(tmp_path):
     assert write_random_encoder(128, path) == path  # already there: left as it is
 
 
-def test_an_entry_may_run_on_fewer_seeds():
+def test_an_entry_or_the_command_line_may_run_fewer_seeds():
     suite = {"models": ["DeepFM", {"label": "wide", "model": "DeepFM_REKI", "seeds": [2]}], "seeds": [1, 2, 3]}
     assert run_suite.cells_of(suite, ["DeepFM", "wide"]) == [("DeepFM", 1), ("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
     with pytest.raises(SystemExit, match="DIN"):
         run_suite.cells_of(suite, ["DIN"])
+    assert run_suite.cells_of(suite, ["DeepFM", "wide"], seeds=[2, 3]) == [("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
+    with pytest.raises(SystemExit, match=r"\[4\]"):
+        run_suite.cells_of(suite, ["DeepFM"], seeds=[4])
