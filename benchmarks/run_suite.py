@@ -34,8 +34,9 @@ def stock_of(model):
 
 def load_suite(path):
     """A suite: dataset, seeds, config, model_config, and ``models``: each a model name, or
-    ``{label, model, config, stock, seeds}`` for a variant of a model under other settings (a
-    sweep); ``stock`` names the label it is compared with (default: its stock RecBole backbone),
+    ``{label, model, config, stock, versus, seeds}`` for a variant of a model under other settings
+    (a sweep); ``stock`` names the label it is compared with (default: its stock RecBole backbone),
+    ``versus`` a second label to compare it with (e.g. real LLM text against descriptions only),
     ``seeds`` narrows the suite's seeds for that entry (e.g. a row that only measures time)."""
     with open(path, encoding="utf-8") as f:
         suite = yaml.safe_load(f)
@@ -46,16 +47,21 @@ def load_suite(path):
     suite.setdefault("config", {})
     suite.setdefault("model_config", {})
     suite["entries"] = [entry_of(m) for m in suite["models"]]
+    labels = {e["label"] for e in suite["entries"]}
+    for entry in suite["entries"]:
+        if entry["versus"] and entry["versus"] not in labels:
+            raise ValueError(f"{path}: entry '{entry['label']}' is compared with '{entry['versus']}', which is no "
+                             f"entry of the suite (entries: {', '.join(sorted(labels))})")
     return suite
 
 
 def entry_of(item):
     if isinstance(item, str):
-        return {"label": item, "model": item, "config": {}, "stock": stock_of(item), "seeds": None}
+        return {"label": item, "model": item, "config": {}, "stock": stock_of(item), "versus": None, "seeds": None}
     if "model" not in item:
         raise ValueError(f"suite entry {item} needs 'model'")
     return {"label": item.get("label", item["model"]), "model": item["model"], "config": item.get("config", {}),
-            "stock": item.get("stock", stock_of(item["model"])), "seeds": item.get("seeds")}
+            "stock": item.get("stock", stock_of(item["model"])), "versus": item.get("versus"), "seeds": item.get("seeds")}
 
 
 def entries(suite):
@@ -162,10 +168,21 @@ def inference_ms(model, data, repeats=3):
     return 1000 * best
 
 
-def summarize(suite, cells):
-    """Rows of mean ± std per model, paired t-test against the stock backbone on shared seeds."""
+def paired_change(runs, others, metric):
+    """(relative change of the mean, paired t-test p) of ``metric`` on the seeds both ran."""
     import numpy as np
     from scipy import stats
+
+    shared = sorted(set(runs) & set(others))
+    ours = np.array([runs[s]["test"][metric] for s in shared])
+    theirs = np.array([others[s]["test"][metric] for s in shared])
+    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else float("nan")
+
+
+def summarize(suite, cells):
+    """Rows of mean ± std per model, paired t-test against the stock backbone (and against the
+    ``versus`` entry, when named) on shared seeds."""
+    import numpy as np
 
     by_model = {}
     for cell in cells:
@@ -181,11 +198,10 @@ def summarize(suite, cells):
             values = np.array([runs[s]["test"][metric] for s in sorted(runs)])
             row[f"{metric}_mean"], row[f"{metric}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
             if base and base in by_model:
-                shared = sorted(set(runs) & set(by_model[base]))
-                ours = np.array([runs[s]["test"][metric] for s in shared])
-                theirs = np.array([by_model[base][s]["test"][metric] for s in shared])
-                row[f"{metric}_rel"] = (ours.mean() - theirs.mean()) / theirs.mean()
-                row[f"{metric}_p"] = stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else float("nan")
+                row[f"{metric}_rel"], row[f"{metric}_p"] = paired_change(runs, by_model[base], metric)
+            if entry["versus"] in by_model:
+                row["versus"] = entry["versus"]
+                row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
         for key in ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored",
                     "knowledge_seconds", "peak_rss_mb", "epochs_run"):
             values = [c[key] for c in runs.values() if c.get(key) is not None]
@@ -287,6 +303,7 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
                   fmt(r.get("knowledge_seconds"), ".0f"), fmt(r.get("llm_prompts"), ".0f"),
                   fmt(r.get("llm_calls"), ".0f"), fmt(r.get("llm_tokens"), ".0f"), fmt(r.get("epochs_run"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += versus_table(rows, metrics)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, python {platform.python_version()}"
     import torch
 
@@ -298,10 +315,25 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
             + load_note(finished) + ". Test-split metrics, mean ± std over seeds; "
-            "p: paired t-test against the stock backbone on the same seeds.\n")
+            "p: paired t-test against the stock backbone on the same seeds"
+            + ("; the second table compares a variant with the entry it names, the same way" if any(r.get("versus") for r in rows) else "")
+            + ".\n")
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n" + note)
     return "\n".join(lines) + "\n" + note
+
+
+def versus_table(rows, metrics):
+    """Markdown lines comparing each entry with its ``versus`` entry (none when no entry names one)."""
+    pairs = [r for r in rows if r.get("versus")]
+    if not pairs:
+        return []
+    lines = ["", "| model | against | " + " | ".join(f"{m} (p)" for m in metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for r in pairs:
+        changes = [f"{100 * r[m + '_versus_rel']:+.2f}% (p={r[m + '_versus_p']:.3f})" if m + "_versus_rel" in r else ""
+                   for m in metrics]
+        lines.append(f"| {r['model']} | {r['versus']} | " + " | ".join(changes) + " |")
+    return lines
 
 
 def load_note(cells):

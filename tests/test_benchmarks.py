@@ -83,6 +83,25 @@ def test_sweep_entries_are_labelled_and_paired_with_their_stock_model():
     assert rows["DeepFM_REKI-pca64"]["auc_rel"] == pytest.approx((0.7315 - 0.715) / 0.715)
 
 
+def test_a_variant_is_also_compared_with_the_entry_it_names(tmp_path):
+    suite = {"name": "s", "dataset": "d", "seeds": [1, 2, 3], "models": [
+        "DeepFM", {"label": "none", "model": "DeepFM_REKI"},
+        {"label": "gpt", "model": "DeepFM_REKI", "versus": "none"}]}
+    values = {"DeepFM": (0.70, 0.71, 0.72), "none": (0.72, 0.72, 0.74), "gpt": (0.73, 0.75, 0.74)}
+    cells = [{"model": m, "seed": s, "test": {"auc": v}} for m, vs in values.items() for s, v in zip((1, 2, 3), vs)]
+    rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
+    assert "versus" not in rows["none"] and rows["gpt"]["versus"] == "none"
+    assert rows["gpt"]["auc_versus_rel"] == pytest.approx((0.74 - 0.7266667) / 0.7266667, rel=1e-5)
+    assert rows["gpt"]["auc_versus_p"] == pytest.approx(stats.ttest_rel([0.73, 0.75, 0.74], [0.72, 0.72, 0.74]).pvalue)
+    assert rows["gpt"]["auc_rel"] == pytest.approx((0.74 - 0.71) / 0.71)  # still against stock DeepFM
+    report = run_suite.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 9, cells)
+    assert f"| gpt | none | {100 * rows['gpt']['auc_versus_rel']:+.2f}% (p={rows['gpt']['auc_versus_p']:.3f}) |" in report
+    suite["models"][2]["versus"] = "non"
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(suite))
+    with pytest.raises(ValueError, match="typo.yaml.*'gpt'.*'non'"):
+        run_suite.load_suite(str(tmp_path / "typo.yaml"))
+
+
 def test_suite_paths_may_start_at_the_repository():
     suite = {"models": ["DeepFM"], "seeds": [1], "config": {"reki_release_path": "{repo}/../shared/x", "n": 3},
              "model_config": {}}
