@@ -6,6 +6,7 @@ hand-made examples always run."""
 import collections
 import gzip
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -83,6 +84,11 @@ def test_all_377_prompts_replay_through_the_replay_backend(release, tmp_path):
 
     replay_file = tmp_path / "reki_ml1m.jsonl"
     assert release.write_replay_file(replay_file) == 377
+    with open(replay_file, encoding="utf-8") as reader:  # a run replaying while another one starts
+        assert release.write_replay_file(replay_file) == 377
+        assert os.fstat(reader.fileno()).st_ino != os.stat(replay_file).st_ino  # swapped in, not rewritten
+        assert len(reader.readlines()) == 377
+    assert [p.name for p in tmp_path.iterdir()] == ["reki_ml1m.jsonl"]
     assert len(load_recordings(str(replay_file))) == 363  # 15 empty clusters share one prompt text
     backend = make_backend({"llm_backend": "replay", "llm_replay_file": str(replay_file)}, str(tmp_path / "cache"))
     requests = [Request(key=f"{kind}:{cluster}", prompt=prompt, description="")

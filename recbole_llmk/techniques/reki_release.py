@@ -446,9 +446,13 @@ class ReleasedKnowledge:
         """Write :meth:`replay_records` as JSONL (``llm_replay_file``); -> the number of lines."""
         records = self.replay_records()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        # runs that start at once (benchmark cells, --jobs) write the same file while others replay
+        # it: each writes its own copy and swaps it in whole, so no reader sees a half-written file
+        tmp = f"{path}.{os.getpid()}.partial"
+        with open(tmp, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
         return len(records)
 
     def counts(self):
