@@ -11,8 +11,12 @@ torch==2.13.0). Nothing here edits RecBole's files; each fix wraps or subclasses
   only tensors and plain values, so RecBole's own ``torch.load`` calls (best-model reload after
   training, ``resume_checkpoint``) work unchanged and nothing is ever loaded with
   ``weights_only=False``.
+- RecBole creates ``./log/<model>`` and ``checkpoint_dir`` by "create if missing", so the second
+  of two runs started at once in one folder dies with ``FileExistsError``. ``make_run_folders``
+  creates them first, idempotently.
 """
 
+import os
 import warnings
 
 import numpy as np
@@ -30,6 +34,13 @@ def check_stack():
     # pin pandas<3 keeps that code working, so the warning is noise for RecBole users.
     warnings.filterwarnings("ignore", category=FutureWarning, module="recbole")
     warnings.filterwarnings("ignore", message=".*ChainedAssignment.*")
+
+
+def make_run_folders(config):
+    """Create the folders RecBole's logger and trainer write to, tolerating another run doing the
+    same at the same moment (parallel benchmark cells, a hyper-parameter search in one folder)."""
+    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)  # init_logger's LOGROOT is ./log/
+    os.makedirs(config["checkpoint_dir"], exist_ok=True)
 
 
 def plain_value(value):

@@ -105,3 +105,22 @@ def test_data_path_may_hold_the_atomic_files_itself(workdir):
     assert os.path.samefile(config["data_path"], folder)
     config = LLMKConfig("DeepFM", "tiny", config_dict={"data_path": str(workdir / "data"), "state": "WARNING"})
     assert os.path.samefile(config["data_path"], folder)
+
+
+def test_two_runs_starting_at_once_in_one_folder_both_start(tiny_config, monkeypatch):
+    """RecBole makes ./log/<model> and checkpoint_dir by "if missing: makedirs". Here a rival run
+    creates each folder between that check and that call, as two benchmark cells started together
+    did; the run must still start, log and train."""
+    import recbole.trainer.trainer
+    import recbole.utils.logger
+
+    def ensure_dir_with_a_rival(path):
+        if not os.path.exists(path):
+            os.makedirs(path)  # the rival run, just after the check
+            os.makedirs(path)  # RecBole's own call
+
+    monkeypatch.setattr(recbole.utils.logger, "ensure_dir", ensure_dir_with_a_rival)
+    monkeypatch.setattr(recbole.trainer.trainer, "ensure_dir", ensure_dir_with_a_rival)
+    result = run_recbole_llmk("DeepFM", "tiny", config_dict=dict(tiny_config, epochs=1))
+    assert result["test_result"]["auc"] > 0
+    assert os.listdir(os.path.join("log", "DeepFM"))
