@@ -14,7 +14,7 @@ from recbole.utils import get_model as recbole_get_model
 from recbole.utils import init_seed
 
 from recbole_llmk.config import LLMKConfig, PROPERTIES
-from recbole_llmk.quick_start import prepare, run_recbole_llmk
+from recbole_llmk.quick_start import run_recbole_llmk
 from recbole_llmk.utils import create_dataset, get_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

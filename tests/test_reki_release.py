@@ -179,6 +179,27 @@ def test_an_incomplete_release_names_the_missing_file(tmp_path):
         ReleasedKnowledge.load(tmp_path / "nowhere")
 
 
+def test_a_moved_release_keys_the_same_knowledge_and_a_changed_answer_does_not(release, tmp_path):
+    """Stores and replay files are keyed by what the release says, so a release copied to another
+    folder (another machine) reuses the knowledge built from it, and an edited one does not."""
+    import dataclasses
+
+    from recbole_llmk.techniques.reki import release_settings
+
+    copy = tmp_path / "elsewhere" / "group_data"
+    shutil.copytree(RELEASE, copy)
+    moved = ReleasedKnowledge.load(copy, movies_dat=MOVIES)
+    config = {"reki_release_match": "title", "reki_like_threshold": 4}
+    assert release_settings(config, moved) == release_settings(config, release)
+    key = sorted(release.texts)[0]
+    edited = dataclasses.replace(moved, texts={**moved.texts, key: moved.texts[key] + " (edited)"})
+    assert release_settings(config, edited) != release_settings(config, release)
+    user, (liked, disliked) = sorted(release.user_clusters.items())[0]
+    regrouped = dataclasses.replace(moved, user_clusters={**moved.user_clusters, user: (disliked, liked)})
+    assert regrouped.fingerprint() != release.fingerprint()
+    assert release_settings(dict(config, reki_like_threshold=3), moved) != release_settings(config, release)
+
+
 def test_kar_titles_and_prompt_parsing():
     assert kar_title("Thin Blue Line, The (1988)") == "The Thin Blue Line (1988)"
     assert kar_title("Affair to Remember, An (1957)") == "Affair to Remember, An (1957)"  # KAR moves The/A only

@@ -76,8 +76,7 @@ def reki_requests(config, dataset):
         settings.update(mode=mode, clusters=digest({k: config[k] for k in COLLECTIVE_KEYS} | {"seed": config["seed"]}))
         return settings, lambda: collective_plan(config, dataset, frame, prompts)
     release = load_release(config)
-    settings.update(mode=mode, llm_backend="replay", llm_model=release.model,
-                    release=digest([os.path.abspath(release.root), config["reki_release_match"], config["reki_like_threshold"]]))
+    settings.update(mode=mode, **release_settings(config, release))
     return settings, lambda: released_plan(config, dataset, frame, prompts, release)
 
 
@@ -169,6 +168,19 @@ def load_release(config):
     return ReleasedKnowledge.load(config["reki_release_path"], config["reki_release_movies"])
 
 
+def release_settings(config, release):
+    """Store settings of knowledge assigned from ``release`` (REKI's, and ReLand's released pool)."""
+    return {"llm_backend": "replay", "llm_model": release.model,
+            "release": digest([release.fingerprint(), config["reki_release_match"], config["reki_like_threshold"]])}
+
+
+def release_replay_file(config, release):
+    """Write the release's answers as a replay file in the run's answer cache; -> its path."""
+    path = os.path.join(cache_dir(config), f"release-{release.fingerprint()}.jsonl")
+    release.write_replay_file(path)
+    return path
+
+
 def released_plan(config, dataset, frame, prompts, release):
     """REKI-C knowledge from a release: each user gets the answers of its liked-items and
     disliked-items clusters plus its own history description, each item its cluster's answer
@@ -183,8 +195,7 @@ def released_plan(config, dataset, frame, prompts, release):
     to_ml1m = items_to_release(config, items, prompts.describer, release)
     item_cluster = item_clusters_for(to_ml1m, release)
     user_clusters = released_user_clusters(config, users, frame, prompts.describer, release, to_ml1m)
-    replay = os.path.join(cache_dir(config), f"release-{digest(os.path.abspath(release.root))}.jsonl")
-    release.write_replay_file(replay)
+    replay = release_replay_file(config, release)
     requests = [Request(f"{kind}-cluster:{cluster}", release.prompts[(kind, cluster)], "")
                 for kind, cluster in sorted(release.prompts, key=str)]
     layout = {

@@ -40,6 +40,7 @@ keyed by prompt text returns one of their (generic) answers for all of them.
 
 import datetime as dt
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -434,6 +435,15 @@ class ReleasedKnowledge:
         return release
 
     # -- derived views --
+
+    def fingerprint(self):
+        """A digest of what the release says (answers, prompts, memberships, resolved titles), not
+        of where it lies: knowledge built from it is reused when the folder is moved or copied to
+        another machine, and rebuilt when an answer or a membership changes."""
+        parts = (self.texts, self.prompts, self.item_cluster_internal, self.user_clusters_internal,
+                 self.member_items_internal, self.user_clusters, self.item_cluster, self.representatives)
+        content = [self.model] + [sorted((str(key), value) for key, value in part.items()) for part in parts]
+        return hashlib.sha256(json.dumps(content, default=str).encode()).hexdigest()[:12]
 
     def replay_records(self):
         """[{"prompt", "response"}] for all completions, the shape the replay backend reads

@@ -34,7 +34,6 @@ built: stages 1-4 are skipped.
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 
@@ -263,12 +262,9 @@ def reland_requests(config, dataset):
         "reland_seed", "reland_behaviour_model", "reland_behaviour_epochs", "reland_behaviour_config",
         "reland_pool_source")} | {"seed": config["seed"]})
     if source == "released":
-        from recbole_llmk.techniques.reki import load_release
+        from recbole_llmk.techniques.reki import load_release, release_settings
 
-        release = load_release(config)
-        settings.update(llm_backend="replay", llm_model=release.model, pool_source=source,
-                        release=digest([os.path.abspath(release.root), config["reki_release_match"],
-                                        config["reki_like_threshold"]]))
+        settings.update(pool_source=source, **release_settings(config, load_release(config)))
     return settings, lambda: reland_plan(config, dataset, frame, prompts, source)
 
 
@@ -292,8 +288,7 @@ def released_pool(config, dataset, frame, prompts, users, M):
     regenerated; kept whole: it is a preference analysis, not a Step 1/Step 2 answer). Members by
     ML-1M user id or by training-history overlap (``reki_release_match``, see ``techniques.reki``)."""
     from recbole_llmk.knowledge.generation import Request
-    from recbole_llmk.knowledge.pipeline import cache_dir
-    from recbole_llmk.techniques.reki import items_to_release, load_release, released_user_clusters
+    from recbole_llmk.techniques.reki import items_to_release, load_release, release_replay_file, released_user_clusters
 
     release = load_release(config)
     items = list(dataset.field2id_token[dataset.iid_field][1:])
@@ -307,8 +302,7 @@ def released_pool(config, dataset, frame, prompts, users, M):
     if not members:
         raise ValueError(f"no training user of {config['dataset']} joins a released user cluster")
     ids = sorted(members)
-    replay = os.path.join(cache_dir(config), f"release-{digest(os.path.abspath(release.root))}.jsonl")
-    release.write_replay_file(replay)
+    replay = release_replay_file(config, release)
     seeds = [f"positive-cluster-{c}" for c in ids]
     logging.getLogger().info(
         f"ReLand reasoning pool from {release.model} released clusters: {len(ids)} liked-items clusters with "
