@@ -1,12 +1,15 @@
 """Run a benchmark suite: stock RecBole models vs their knowledge-augmented variants.
 
     python benchmarks/run_suite.py benchmarks/suites/reki_ml100k.yaml [--only DeepFM,DeepFM_REKI] [--seeds 2020,2021] [--results results]
+    python benchmarks/run_suite.py benchmarks/suites/reki_ml100k.yaml --stores-only   # knowledge only, no training
 
 A suite yaml names a dataset, models, seeds and config overrides (see ``benchmarks/suites``).
 Each (model, seed) cell runs in its own process (clean peak memory, clean logging) and is saved
 as JSON under ``<results>/<suite>/cells``; a rerun skips finished cells. The summary (CSV +
 markdown, with mean ± std over seeds and a paired t-test of each variant against its stock
-backbone on matched seeds) is rebuilt from all finished cells. Not part of the test suite.
+backbone on matched seeds) is rebuilt from all finished cells. ``--stores-only`` builds the
+knowledge stores the unfinished cells need and trains nothing: build them where the encoder and
+the LLM are, train where the GPU is (``benchmarks/device_session.py``). Not part of the test suite.
 """
 
 import argparse
@@ -142,6 +145,17 @@ def run_cell(model, dataset, config, label=None):
         cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     os.remove(trainer.saved_model_file)
     return cell
+
+
+def build_cell_store(model, dataset, config):
+    """The knowledge store one cell needs, built or found, with nothing trained; -> a JSON-able dict."""
+    from recbole_llmk.quick_start import build_knowledge, prepare
+
+    config, _, train_data, _, _ = prepare(model, dataset, config_dict=config)
+    start = time.time()
+    store = build_knowledge(config, train_data)
+    return {"model": model, "seed": config["seed"], "store": store.path if store else None,
+            "seconds": time.time() - start}
 
 
 def inference_ms(model, data, repeats=3):
@@ -345,19 +359,21 @@ def load_note(cells):
             f"on {os.cpu_count()} cores (above the cores: the cells shared the CPU with other work)")
 
 
-def cell_file(folder, label, seed):
+def cell_file(folder, label, seed, kind="cells"):
     # labels name sweeps freely ("collective-80/100"); a file name has no "/"
-    return os.path.join(folder, "cells", f"{label.replace(os.sep, '_')}-{seed}.json")
+    return os.path.join(folder, kind, f"{label.replace(os.sep, '_')}-{seed}.json")
 
 
-def run_cells(suite_path, folder, todo, jobs=1):
+def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
     """Run the unfinished (label, seed) cells, ``jobs`` processes at a time, each in its own
-    process; -> (the cells that failed (their stderr is printed, the others go on), how many ran)."""
+    process; -> (the cells that failed (their stderr is printed, the others go on), how many ran).
+    ``stores_only``: each builds only its knowledge store, reported under ``<folder>/stores``."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = dict(os.environ)
     if jobs > 1:  # cells share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    os.makedirs(os.path.join(folder, "stores" if stores_only else "cells"), exist_ok=True)
     pending = []
     for index, (label, seed) in enumerate(todo, 1):
         if os.path.isfile(cell_file(folder, label, seed)):
@@ -366,16 +382,19 @@ def run_cells(suite_path, folder, todo, jobs=1):
             pending.append((index, label, seed))
 
     def run(index, label, seed):
-        output = cell_file(folder, label, seed)
+        output = cell_file(folder, label, seed, "stores" if stores_only else "cells")
         print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
         begin = time.time()
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path, f"--cell={label},{seed},{output}"],
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path, f"--cell={label},{seed},{output}"]
+                              + (["--stores-only"] if stores_only else []),
                               cwd=folder, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{label} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
             return f"{label}-{seed}"
         with open(output) as f:
-            print(f"    {label} seed {seed}: {json.load(f)['test']}  ({time.time() - begin:.0f} s)", flush=True)
+            result = json.load(f)
+        shown = result["store"] if stores_only else result["test"]
+        print(f"    {label} seed {seed}: {shown}  ({time.time() - begin:.0f} s)", flush=True)
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -401,6 +420,10 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated models to run (summary uses all cells)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to run (summary uses all cells)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (a GPU machine with many cores)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="rebuild the summary from the finished cells, run no cell (e.g. cells run elsewhere)")
+    parser.add_argument("--stores-only", action="store_true",
+                        help="build the knowledge stores the unfinished cells need, train nothing")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: model,seed,output
     args = parser.parse_args()
     args.suite = os.path.abspath(args.suite)  # cells run inside the results folder
@@ -411,7 +434,11 @@ def main():
         label, seed, output = args.cell.split(",", 2)
         sys.argv = sys.argv[:1]  # RecBole's Config reads argv
         entry = by_label[label]
-        cell = run_cell(entry["model"], suite["dataset"], cell_config(suite, entry, int(seed)), label)
+        config = cell_config(suite, entry, int(seed))
+        if args.stores_only:
+            cell = build_cell_store(entry["model"], suite["dataset"], config)
+        else:
+            cell = run_cell(entry["model"], suite["dataset"], config, label)
         with open(output, "w") as f:
             json.dump(cell, f, indent=2)
         return
@@ -420,8 +447,15 @@ def main():
     models = args.only.split(",") if args.only else list(by_label)
     todo = cells_of(suite, models, [int(s) for s in args.seeds.split(",")] if args.seeds else None)
     start = time.time()
-    run_setup(suite)
-    failed, ran = run_cells(args.suite, folder, todo, args.jobs)
+    failed, ran = [], 0
+    if not args.summary_only:
+        run_setup(suite)
+        failed, ran = run_cells(args.suite, folder, todo, args.jobs, args.stores_only)
+    if args.stores_only:
+        if failed:
+            raise SystemExit(f"{len(failed)} stores failed: {', '.join(failed)}")
+        print(f"{ran} cells' knowledge stores built or found in {(time.time() - start) / 60:.1f} min; no cell trained")
+        return
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     if not cells:
         raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed")

@@ -1,6 +1,7 @@
 """The benchmark harness itself (not a benchmark): cells, resume, statistics, reports."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,27 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert again.stdout.count("done earlier, skipped") == 4
     assert "no cell ran in this invocation" in (folder / "summary.md").read_text()
     assert stamps == {c: os.path.getmtime(folder / "cells" / c) for c in cells}
+
+
+def test_stores_only_builds_the_knowledge_and_trains_nothing(tiny_config, workdir):
+    """Stores built ahead (where the encoder is) are what the cells then use, unchanged."""
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    suite = {"dataset": "tiny", "models": ["DeepFM", "DeepFM_REKI"], "seeds": [1], "config": config}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
+    ahead = subprocess.run(command + ["--stores-only"], capture_output=True, text=True, timeout=600)
+    assert ahead.returncode == 0, ahead.stderr[-3000:]
+    folder = workdir / "results" / "suite"
+    assert os.listdir(folder / "cells") == [] and not (folder / "summary.md").exists()
+    built = json.loads((folder / "stores" / "DeepFM_REKI-1.json").read_text())
+    assert json.loads((folder / "stores" / "DeepFM-1.json").read_text())["store"] is None
+    meta = os.path.join(built["store"], "meta.json")
+    stamp = os.path.getmtime(meta)
+    trained = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert sorted(os.listdir(folder / "cells")) == ["DeepFM-1.json", "DeepFM_REKI-1.json"]
+    assert os.path.getmtime(meta) == stamp  # used as built, not rebuilt
 
 
 def test_cost_quality_plot_needs_two_knowledge_entries(tmp_path):
@@ -140,3 +162,44 @@ def test_an_entry_or_the_command_line_may_run_fewer_seeds():
     assert run_suite.cells_of(suite, ["DeepFM", "wide"], seeds=[2, 3]) == [("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
     with pytest.raises(SystemExit, match=r"\[4\]"):
         run_suite.cells_of(suite, ["DeepFM"], seeds=[4])
+
+
+def test_device_kit_carries_the_shared_data_a_suite_names():
+    import device_session
+
+    suite = run_suite.load_suite(os.path.join(ROOT, "benchmarks", "suites", "reki_released_ml1m_u2999.yaml"))
+    paths = device_session.shared_paths(suite)
+    assert {"ml-1m", "reki/ml-1m/proc_data/group_data"} <= set(paths)
+    if os.path.isfile(os.path.join(device_session.SHARED, "ml-1m", "movies.dat")):
+        assert "ml-1m/movies.dat" in paths  # the release's titles are resolved against it
+    ml100k = run_suite.load_suite(os.path.join(ROOT, "benchmarks", "suites", "reki_ml100k.yaml"))
+    assert device_session.shared_paths(ml100k) == []  # RecBole ships ml-100k
+
+
+def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
+    import tarfile
+
+    suite = {"dataset": "tiny", "models": ["DIN", "DIN_REKI"], "seeds": [1, 2], "config": {}}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+
+    def cell(model, seed, auc):
+        return {"model": model, "seed": seed, "test": {"auc": auc}, "epochs_run": 3}
+
+    cells = workdir / "results" / "suite" / "cells"
+    cells.mkdir(parents=True)
+    (cells / "DIN-1.json").write_text(json.dumps(cell("DIN", 1, 0.70)))
+    fetched = workdir / "fetched"
+    fetched.mkdir()
+    with tarfile.open(fetched / "cells.tgz", "w:gz") as tar:
+        for model, seed, auc in (("DIN", 1, 0.99), ("DIN", 2, 0.72), ("DIN_REKI", 1, 0.73), ("DIN_REKI", 2, 0.75)):
+            (workdir / f"{model}-{seed}.json").write_text(json.dumps(cell(model, seed, auc)))
+            tar.add(workdir / f"{model}-{seed}.json", arcname=f"{model}-{seed}.json")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_session.py"), "unpack", str(path),
+                           str(fetched), "--results", str(workdir / "results")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DIN-1.json: already in" in done.stdout
+    assert json.loads((cells / "DIN-1.json").read_text())["test"]["auc"] == 0.70
+    assert sorted(os.listdir(cells)) == ["DIN-1.json", "DIN-2.json", "DIN_REKI-1.json", "DIN_REKI-2.json"]
+    summary = (workdir / "results" / "suite" / "summary.md").read_text()
+    assert "| DIN_REKI | 2 | 0.7400 ± 0.0141 |" in summary and "no cell ran in this invocation" in summary

@@ -368,7 +368,7 @@ def kar_item_order(ratings_dat, user_order, utc_offset_hours=KAR_UTC_OFFSET_HOUR
 # --- the released knowledge ---------------------------------------------------------------------
 
 
-def _default_movies_dat(root):
+def default_movies_dat(root):
     """movies.dat where it usually sits relative to the release: KAR's raw_data folder, or the
     ml-1m folder next to the reki folder in this project's shared data."""
     for relative in ("movies.dat", os.path.join("..", "..", "raw_data", "movies.dat"),
@@ -424,7 +424,7 @@ class ReleasedKnowledge:
                       user_clusters_internal=users_internal, member_items_internal=members,
                       user_clusters=_users_by_ml1m_id(users_internal, files))
         release._check_clusters_have_text()
-        movies_dat = movies_dat or _default_movies_dat(root)
+        movies_dat = movies_dat or default_movies_dat(root)
         if movies_dat:
             release._resolve_titles(os.fspath(movies_dat))
         else:

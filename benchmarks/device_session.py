@@ -1,0 +1,209 @@
+"""Run suite cells on a lent GPU machine whose image lacks this project's stack.
+
+The GPU machine has python3 with torch, but no RecBole, numpy<2, text encoder, network or
+../shared/data, and lends 15 minutes. So the work is split in three:
+
+    # here: build the stores the cells need (encoder and LLM answers live here), fetch the wheels
+    # the image lacks, copy the shared data the suite reads; prints the device call to make
+    python benchmarks/device_session.py pack benchmarks/suites/reki_released_ml100k.yaml --only DIN,DIN_REKI-none
+    # there (the `run` tool, carrying .device_kit): install, run the cells for at most N minutes,
+    # write the finished cells to $OUT/cells.tgz
+    python3 benchmarks/device_session.py run benchmarks/suites/reki_released_ml100k.yaml --only ... --minutes 8
+    # here: add the fetched cells to the suite's results and rebuild its summary
+    python benchmarks/device_session.py unpack benchmarks/suites/reki_released_ml100k.yaml <folder with cells.tgz>
+
+A cell the device could not finish in time is simply not in cells.tgz; `pack` again for it.
+The device builds no knowledge: a store it lacks (say, a split other than the one packed) fails
+that cell with the store's own error instead of silently encoding with another model.
+"""
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+KIT = os.path.join(ROOT, ".device_kit")
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+SHARED_MARK = "{repo}/../shared/data/"
+CARRY_LIMIT_MB = 60  # the device tool carries 64 MiB in all, the working tree included
+# What the image lacks, at the versions tested here. scipy<1.13 only for graph models (LightGCN,
+# NGCF: --wheel scipy), faiss only for clustering and ReLand (--wheel faiss-cpu).
+WHEELS = ("recbole", "numpy", "pandas", "pytz", "tzdata", "colorlog", "texttable", "thop")
+DEVICE_PYTHON = "3.12"
+
+
+def suite_of(path):
+    sys.path.insert(0, HERE)
+    import run_suite
+
+    suite = run_suite.load_suite(path)
+    suite["path"] = path
+    return suite
+
+
+def shared_paths(suite):
+    """The paths under ../shared/data a suite reads (its ``{repo}/../shared/data/...`` strings),
+    with the ML-1M movies.dat a REKI release is resolved against."""
+    from recbole_llmk.techniques.reki_release import default_movies_dat
+
+    text = json.dumps([suite.get("config"), suite.get("model_config"), suite.get("setup"),
+                       [e.get("config") for e in suite["entries"]]])
+    paths = set()
+    for chunk in text.split(SHARED_MARK)[1:]:
+        path = chunk.split('"')[0].split(" ")[0].rstrip("/")
+        paths.add(path)
+        movies = default_movies_dat(os.path.join(SHARED, path))
+        if movies:
+            paths.add(os.path.relpath(movies, SHARED))
+    return sorted(paths)
+
+
+def pinned(name):
+    return f"{name}=={importlib.metadata.version(name)}"
+
+
+def fetch_wheels(folder, names):
+    os.makedirs(folder, exist_ok=True)
+    platforms = [arg for tag in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")
+                 for arg in ("--platform", f"{tag}_x86_64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", folder,
+                    *[name if "==" in name else pinned(name) for name in names]], check=True)
+
+
+def size_mb(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) / 2**20
+
+
+def pack(args):
+    suite = suite_of(args.suite)
+    subprocess.run([sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--stores-only",
+                    "--results", args.results] + selection(args), check=True)
+    shutil.rmtree(KIT, ignore_errors=True)
+    fetch_wheels(os.path.join(KIT, "wheels"), list(WHEELS) + args.wheel)
+    for path in shared_paths(suite):
+        source, target = os.path.join(SHARED, path), os.path.join(KIT, "shared", "data", path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
+    folder = os.path.join(args.results, suite["name"])
+    for label, seed in cells_of(suite, args):
+        built = os.path.join(folder, "stores", f"{label.replace(os.sep, '_')}-{seed}.json")
+        if not os.path.isfile(built):
+            continue  # finished earlier: nothing to run there
+        with open(built) as f:
+            store = json.load(f)["store"]
+        if store:
+            store = os.path.relpath(os.path.join(folder, store), ROOT)
+            if store.startswith(".."):
+                raise SystemExit(f"store {store} lies outside the repository: set knowledge_dir inside it")
+            shutil.copytree(os.path.join(ROOT, store), os.path.join(KIT, "repo", store), dirs_exist_ok=True)
+    total = size_mb(KIT)
+    print(f"{KIT}: {total:.1f} MiB ({', '.join(f'{d} {size_mb(os.path.join(KIT, d)):.1f}' for d in sorted(os.listdir(KIT)))})")
+    if total > CARRY_LIMIT_MB:
+        raise SystemExit(f"the kit is {total:.0f} MiB, over the {CARRY_LIMIT_MB} MiB the device carries: run fewer "
+                         f"entries or seeds (--only, --seeds)")
+    command = ["python3", "benchmarks/device_session.py", "run", os.path.relpath(args.suite, ROOT)] + selection(args)
+    print(f"device call: run(carry=[\".device_kit\"], command={' '.join(command + ['--jobs', '8', '--minutes', '8'])!r})")
+
+
+def cells_of(suite, args):
+    import run_suite
+
+    labels = args.only.split(",") if args.only else [e["label"] for e in suite["entries"]]
+    return run_suite.cells_of(suite, labels, [int(s) for s in args.seeds.split(",")] if args.seeds else None)
+
+
+def selection(args):
+    return (["--only", args.only] if args.only else []) + (["--seeds", args.seeds] if args.seeds else [])
+
+
+def run(args):
+    """On the device machine: install the kit, run the cells for at most ``--minutes``, and
+    write the cells finished meanwhile (and the log) to $OUT."""
+    out = os.environ.get("OUT") or os.path.join(ROOT, "device_out")
+    os.makedirs(out, exist_ok=True)
+    site = "/tmp/recbole_llmk_site"
+    wheels = sorted(os.path.join(KIT, "wheels", w) for w in os.listdir(os.path.join(KIT, "wheels")))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", site, *wheels], check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, ROOT]), PYTHONUNBUFFERED="1")
+    probe = ("import numpy, pandas, recbole, torch; print('stack: numpy', numpy.__version__, 'pandas', "
+             "pandas.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available() and "
+             "torch.cuda.get_device_name(0))")
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True)
+    sys.path[:0] = [site, ROOT]  # this process reads the suite through the plugin too
+    if not os.path.exists(SHARED) and os.path.isdir(os.path.join(KIT, "shared", "data")):
+        os.makedirs(os.path.dirname(SHARED), exist_ok=True)
+        os.symlink(os.path.join(KIT, "shared", "data"), SHARED)
+    if os.path.isdir(os.path.join(KIT, "repo")):
+        shutil.copytree(os.path.join(KIT, "repo"), ROOT, dirs_exist_ok=True)
+    suite = suite_of(args.suite)
+    cells = os.path.join(args.results, suite["name"], "cells")
+    start = time.time()
+    command = [sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--jobs", str(args.jobs),
+               "--results", args.results] + selection(args)
+    with open(os.path.join(out, "run_suite.log"), "w") as log:
+        job = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            job.wait(timeout=args.minutes * 60)
+        except subprocess.TimeoutExpired:  # the cells still running are lost; the finished ones are kept
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            log.write(f"\nstopped after {args.minutes} min\n")
+    finished = [f for f in sorted(os.listdir(cells)) if os.path.getmtime(os.path.join(cells, f)) >= start] \
+        if os.path.isdir(cells) else []
+    with tarfile.open(os.path.join(out, "cells.tgz"), "w:gz") as tar:
+        for name in finished:
+            tar.add(os.path.join(cells, name), arcname=name)
+    print(f"{len(finished)} cells finished in {(time.time() - start) / 60:.1f} min: {', '.join(finished) or 'none'}")
+    with open(os.path.join(out, "run_suite.log")) as f:
+        print(f.read()[-6000:])
+
+
+def unpack(args):
+    """Add the cells in ``<folder>/cells.tgz`` to the suite's results (never over a cell already
+    there) and rebuild its summary."""
+    suite = suite_of(args.suite)
+    cells = os.path.join(args.results, suite["name"], "cells")
+    os.makedirs(cells, exist_ok=True)
+    with tarfile.open(os.path.join(args.folder, "cells.tgz")) as tar:
+        for member in tar.getmembers():
+            name = os.path.basename(member.name)
+            if not member.isfile() or not name.endswith(".json"):
+                continue
+            if os.path.exists(os.path.join(cells, name)):
+                print(f"{name}: already in {cells}, kept")
+                continue
+            with tar.extractfile(member) as f, open(os.path.join(cells, name), "wb") as target:
+                target.write(f.read())
+            print(f"{name}: added")
+    subprocess.run([sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--summary-only",
+                    "--results", args.results], check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("pack", "run", "unpack"))
+    parser.add_argument("suite")
+    parser.add_argument("folder", nargs="?", help="unpack: the folder holding the fetched cells.tgz")
+    parser.add_argument("--only", default=None)
+    parser.add_argument("--seeds", default=None)
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--wheel", action="append", default=[], help="pack: another wheel the cells need (e.g. scipy)")
+    parser.add_argument("--jobs", type=int, default=8, help="run: cells at once")
+    parser.add_argument("--minutes", type=float, default=8, help="run: stop the cells after this long")
+    args = parser.parse_args()
+    args.suite = os.path.abspath(args.suite)
+    {"pack": pack, "run": run, "unpack": unpack}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()
