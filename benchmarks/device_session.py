@@ -30,6 +30,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import run_suite  # noqa: E402  (the harness whose suites, cells and files this moves)
+
 KIT = os.path.join(ROOT, ".device_kit")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 SHARED_MARK = "{repo}/../shared/data/"
@@ -41,9 +44,6 @@ DEVICE_PYTHON = "3.12"
 
 
 def suite_of(path):
-    sys.path.insert(0, HERE)
-    import run_suite
-
     suite = run_suite.load_suite(path)
     suite["path"] = path
     return suite
@@ -94,8 +94,8 @@ def pack(args):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
     folder = os.path.join(args.results, suite["name"])
-    for label, seed in cells_of(suite, args):
-        built = os.path.join(folder, "stores", f"{label.replace(os.sep, '_')}-{seed}.json")
+    for label, seed in run_suite.selected_cells(suite, args.only, args.seeds):
+        built = run_suite.cell_file(folder, label, seed, "stores")
         if not os.path.isfile(built):
             continue  # finished earlier: nothing to run there
         with open(built) as f:
@@ -112,13 +112,6 @@ def pack(args):
                          f"entries or seeds (--only, --seeds)")
     command = ["python3", "benchmarks/device_session.py", "run", os.path.relpath(args.suite, ROOT)] + selection(args)
     print(f"device call: run(carry=[\".device_kit\"], command={' '.join(command + ['--jobs', '8', '--minutes', '8'])!r})")
-
-
-def cells_of(suite, args):
-    import run_suite
-
-    labels = args.only.split(",") if args.only else [e["label"] for e in suite["entries"]]
-    return run_suite.cells_of(suite, labels, [int(s) for s in args.seeds.split(",")] if args.seeds else None)
 
 
 def selection(args):

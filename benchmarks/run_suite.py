@@ -85,6 +85,13 @@ def cells_of(suite, labels, seeds=None):
             if seeds is None or seed in seeds]
 
 
+def selected_cells(suite, only=None, seeds=None):
+    """The cells of the command line's ``--only`` entries (default: all) and ``--seeds``
+    (comma-separated strings, as typed)."""
+    labels = only.split(",") if only else [e["label"] for e in entries(suite)]
+    return cells_of(suite, labels, [int(s) for s in seeds.split(",")] if seeds else None)
+
+
 def cell_config(suite, entry, seed):
     config = dict(suite["config"])
     config.update(suite["model_config"].get(stock_of(entry["model"]) or entry["model"], {}))
@@ -444,8 +451,7 @@ def main():
         return
     folder = os.path.join(args.results, suite["name"])
     os.makedirs(os.path.join(folder, "cells"), exist_ok=True)
-    models = args.only.split(",") if args.only else list(by_label)
-    todo = cells_of(suite, models, [int(s) for s in args.seeds.split(",")] if args.seeds else None)
+    todo = selected_cells(suite, args.only, args.seeds)
     start = time.time()
     failed, ran = [], 0
     if not args.summary_only:
