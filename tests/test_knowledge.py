@@ -111,6 +111,43 @@ def test_store_alignment_survives_shuffled_tokens_and_fills_cold_ids(tiny_config
     assert np.allclose(store.aligned("user", dataset, uid, default="zero")[dataset.field2token_id[uid][cold.pop()]], 0.0)
 
 
+def test_a_cluster_s_knowledge_is_stored_once_and_read_per_member(tiny_config, workdir):
+    config, dataset, _, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    uid = config["USER_ID_FIELD"]
+    tokens = list(dataset.field2id_token[uid][1:13])
+    cluster = [i % 3 for i in range(12)]  # 12 users in 3 clusters, one text and vector per cluster
+    vectors = np.stack([np.full(4, float(c)) for c in cluster])
+    texts = [f"cluster {c}" for c in cluster]
+    vectors[11] = 9.0  # same text, another vector: a row of its own
+    store = KnowledgeStore.write(str(workdir / "store"), {"dataset": "tiny"}, {"user": (tokens, vectors, texts)})
+    assert np.load(workdir / "store" / "user.vectors.npy").shape == (4, 4)
+    lines = [json.loads(line) for line in open(workdir / "store" / "user.texts.jsonl")]
+    assert [r["text"] for r in lines] == ["cluster 0", "cluster 1", "cluster 2", "cluster 2"]
+    assert lines[0]["tokens"] == tokens[0:12:3]  # a person reads each cluster's members with its text
+    read_tokens, read_vectors = store.vectors("user")
+    assert read_tokens == tokens and np.array_equal(read_vectors, vectors)
+    assert store.texts("user") == dict(zip(tokens, texts))
+    table = store.aligned("user", dataset, uid)
+    assert np.array_equal(table[[dataset.field2token_id[uid][t] for t in tokens]], vectors)
+    assert np.allclose(table[dataset.field2token_id[uid][dataset.field2id_token[uid][13]]], vectors.mean(0))
+
+
+def test_a_store_written_one_row_per_token_is_still_read(tiny_config, workdir):
+    config, dataset, _, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    uid = config["USER_ID_FIELD"]
+    tokens = list(dataset.field2id_token[uid][1:4])
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    folder = workdir / "old"  # the files as stores were written before rows.npy
+    folder.mkdir()
+    np.save(folder / "user.npy", vectors)
+    (folder / "user.tokens.json").write_text(json.dumps(tokens))
+    (folder / "user.texts.jsonl").write_text("".join(json.dumps({"token": t, "text": f"t{t}"}) + "\n" for t in tokens))
+    (folder / "meta.json").write_text(json.dumps({"kinds": ["user"], "dims": {"user": 4}}))
+    store = KnowledgeStore.open(str(folder))
+    assert np.array_equal(store.vectors("user")[1], vectors) and store.texts("user") == {t: f"t{t}" for t in tokens}
+    assert np.array_equal(store.aligned("user", dataset, uid)[[dataset.field2token_id[uid][t] for t in tokens]], vectors)
+
+
 def test_store_built_for_other_settings_is_refused(tiny_config, workdir):
     tiny_config["knowledge_store_path"] = str(workdir / "mystore")
     config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)

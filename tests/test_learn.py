@@ -115,7 +115,7 @@ def test_learn_trains_and_full_sort_evaluates(learn_config):
     # leave-one-out: one positive per user, so both AUCs agree
     assert result["test_result"]["uauc"] == result["test_result"]["wuauc"]
     assert math.isfinite(result["trainer"].train_loss_dict[0]) and result["trainer"].train_loss_dict[0] > 0
-    vectors = os.path.join(result["knowledge_store"], "item.npy")
+    vectors = os.path.join(result["knowledge_store"], "item.vectors.npy")
     assert json.load(open(os.path.join(result["knowledge_store"], "meta.json")))["technique"] == "LEARN"
     built = os.path.getmtime(vectors)
     # a second run reuses the stored content embeddings instead of encoding again

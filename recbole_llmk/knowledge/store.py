@@ -1,12 +1,16 @@
 """Stage 5: the knowledge store, the hand-over point between offline knowledge and models.
 
 A store is a folder: per entity kind (``user``, ``item``, or any other name a technique uses)
-``<kind>.npy`` (float32 vectors), ``<kind>.tokens.json`` (raw tokens, row order) and
-``<kind>.texts.jsonl`` (the knowledge text, for people to read), plus ``meta.json`` (encoder,
-dim, generation backend/model, prompt-template hashes, dataset, split fingerprint, costs).
+``<kind>.tokens.json`` (raw tokens), ``<kind>.rows.npy`` (int32, one per token: its row in the
+next file), ``<kind>.vectors.npy`` (float32, each distinct vector once) and ``<kind>.texts.jsonl``
+(each distinct text once with the tokens that have it, for people to read), plus ``meta.json``
+(encoder, dim, generation backend/model, prompt-template hashes, dataset, split fingerprint,
+costs). Collective knowledge gives a whole cluster one text; storing it once per cluster instead
+of once per member makes such stores several times smaller (they travel to GPU machines).
 Rows are aligned to RecBole's internal ids when loaded, through ``field2token_id``, so the
 files' order never matters. Vectors are stored once and read, never recomputed, at training
-and inference time.
+and inference time. Stores written before ``rows.npy`` existed (``<kind>.npy``, one row per
+token) are still read.
 """
 
 import json
@@ -33,8 +37,11 @@ class KnowledgeStore:
         store, ``{name: text}``, or ``{name: writer}`` where ``writer(path)`` saves a folder (e.g.
         a clusterer's ``save``). Written to a temp name, then renamed, so an interrupted build
         never leaves a store that looks complete."""
+        import shutil
+
         tmp = path.rstrip("/") + ".partial"
-        os.makedirs(tmp, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed build left
+        os.makedirs(tmp)
         for name, content in (files or {}).items():
             if callable(content):
                 content(os.path.join(tmp, name))
@@ -44,18 +51,11 @@ class KnowledgeStore:
         for kind, (tokens, vectors, texts) in entries.items():
             if len(tokens) != len(vectors) or len(tokens) != len(texts):
                 raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")
-            np.save(os.path.join(tmp, f"{kind}.npy"), np.asarray(vectors, dtype=np.float32))
-            with open(os.path.join(tmp, f"{kind}.tokens.json"), "w", encoding="utf-8") as f:
-                json.dump([str(t) for t in tokens], f)
-            with open(os.path.join(tmp, f"{kind}.texts.jsonl"), "w", encoding="utf-8") as f:
-                for token, text in zip(tokens, texts):
-                    f.write(json.dumps({"token": str(token), "text": text}, ensure_ascii=False) + "\n")
+            _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors, dtype=np.float32), texts)
         meta = dict(meta, kinds=sorted(entries), dims={k: int(np.asarray(v[1]).shape[1]) for k, v in entries.items()})
         with open(os.path.join(tmp, cls.META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         if os.path.isdir(path):
-            import shutil
-
             shutil.rmtree(path)
         os.replace(tmp, path)
         return cls(path, meta)
@@ -84,16 +84,31 @@ class KnowledgeStore:
                 )
 
     def vectors(self, kind):
+        """``(tokens, [len(tokens), dim] float32)``, one row per token."""
+        tokens, rows, distinct = self._rows(kind)
+        return tokens, distinct[rows]
+
+    def texts(self, kind):
+        """``{token: text}``."""
+        with open(os.path.join(self.path, f"{kind}.texts.jsonl"), encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        return {token: r["text"] for r in records for token in r.get("tokens", [r.get("token")])}
+
+    def _rows(self, kind):
         if kind not in self.meta.get("kinds", []):
             raise KnowledgeStoreError(f"knowledge store {self.path} has no '{kind}' knowledge "
                                       f"(it has {self.meta.get('kinds')})")
         with open(os.path.join(self.path, f"{kind}.tokens.json"), encoding="utf-8") as f:
             tokens = json.load(f)
-        return tokens, np.load(os.path.join(self.path, f"{kind}.npy"))
-
-    def texts(self, kind):
-        with open(os.path.join(self.path, f"{kind}.texts.jsonl"), encoding="utf-8") as f:
-            return {r["token"]: r["text"] for r in map(json.loads, f)}
+        rows_file = os.path.join(self.path, f"{kind}.rows.npy")
+        if not os.path.isfile(rows_file):  # a store from before deduplication: one row per token
+            return tokens, np.arange(len(tokens)), np.load(os.path.join(self.path, f"{kind}.npy"))
+        rows = np.load(rows_file, allow_pickle=False)
+        distinct = np.load(os.path.join(self.path, f"{kind}.vectors.npy"), allow_pickle=False)
+        if len(rows) != len(tokens) or (len(rows) and rows.max() >= len(distinct)):
+            raise KnowledgeStoreError(f"knowledge store {self.path} is damaged: '{kind}' has {len(tokens)} tokens, "
+                                      f"{len(rows)} rows and {len(distinct)} vectors. Delete the folder to rebuild it.")
+        return tokens, rows, distinct
 
     def aligned(self, kind, dataset, field, default="mean"):
         """``[dataset.num(field), dim]`` float32 matrix indexed by RecBole's internal id.
@@ -106,7 +121,7 @@ class KnowledgeStore:
         known = rows >= 0
         table = np.zeros((dataset.num(field), vectors.shape[1]), dtype=np.float32)
         if default == "mean" and known.any():
-            table[:] = vectors[known].mean(0)
+            table[:] = vectors[known].mean(0)  # over ids, not distinct rows: a big cluster weighs more
         elif default not in ("mean", "zero"):
             raise ValueError(f"knowledge_default must be 'mean' or 'zero', got '{default}'")
         table[0] = 0.0
@@ -119,6 +134,25 @@ class KnowledgeStore:
             f"covered, {cold} get the {default} default vector"
             + (f", {int((~known).sum())} stored tokens not in this dataset" if (~known).any() else ""))
         return table
+
+
+def _write_kind(folder, kind, tokens, vectors, texts):
+    """One kind's files: each distinct (vector, text) pair once, in order of first appearance."""
+    row_of, rows = {}, []
+    for vector, text in zip(vectors, texts):
+        rows.append(row_of.setdefault((vector.tobytes(), text), len(row_of)))
+    rows = np.asarray(rows, dtype=np.int32)
+    first = np.unique(rows, return_index=True)[1]  # the first token of each row, row order
+    np.save(os.path.join(folder, f"{kind}.vectors.npy"), np.ascontiguousarray(vectors[first]))
+    np.save(os.path.join(folder, f"{kind}.rows.npy"), rows)
+    with open(os.path.join(folder, f"{kind}.tokens.json"), "w", encoding="utf-8") as f:
+        json.dump(tokens, f)
+    members = [[] for _ in first]
+    for token, row in zip(tokens, rows):
+        members[row].append(token)
+    with open(os.path.join(folder, f"{kind}.texts.jsonl"), "w", encoding="utf-8") as f:
+        for i, row_tokens in zip(first, members):
+            f.write(json.dumps({"tokens": row_tokens, "text": texts[i]}, ensure_ascii=False) + "\n")
 
 
 def pca_reduce(tables, dim):
