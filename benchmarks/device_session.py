@@ -4,7 +4,8 @@ The GPU machine has python3 with torch, but no RecBole, numpy<2, text encoder, n
 ../shared/data, and lends 15 minutes. So the work is split in three:
 
     # here: build the stores the cells need (encoder and LLM answers live here), fetch the wheels
-    # the image lacks, copy the shared data the suite reads; prints the device call to make
+    # the image lacks, copy the shared data the suite reads (stores and data travel gzipped);
+    # prints the device call to make
     python benchmarks/device_session.py pack benchmarks/suites/reki_released_ml100k.yaml --only DIN,DIN_REKI-none
     # there (the `run` tool, carrying .device_kit): install, run the cells for at most N minutes,
     # write the finished cells to $OUT/cells.tgz
@@ -41,6 +42,7 @@ CARRY_LIMIT_MB = 60  # the device tool carries 64 MiB in all, the working tree i
 # NGCF: --wheel scipy), faiss only for clustering and ReLand (--wheel faiss-cpu).
 WHEELS = ("recbole", "numpy", "pandas", "pytz", "tzdata", "colorlog", "texttable", "thop")
 DEVICE_PYTHON = "3.12"
+PAYLOAD, PAYLOAD_FOLDERS = "payload.tgz", ("repo", "shared")
 
 
 def suite_of(path):
@@ -79,6 +81,25 @@ def fetch_wheels(folder, names):
                     *[name if "==" in name else pinned(name) for name in names]], check=True)
 
 
+def compress_payload(kit):
+    """Put the kit's stores and shared data (``repo/``, ``shared/``) into one gzipped tar: their
+    texts and the shared data files shrink to about a third (wheels are compressed already, the
+    vectors barely shrink), which is what lets a suite's DIN rows on ml-1m-u2999 travel in one kit."""
+    folders = [d for d in PAYLOAD_FOLDERS if os.path.isdir(os.path.join(kit, d))]
+    with tarfile.open(os.path.join(kit, PAYLOAD), "w:gz") as tar:
+        for folder in folders:
+            tar.add(os.path.join(kit, folder), arcname=folder)
+    for folder in folders:
+        shutil.rmtree(os.path.join(kit, folder))
+
+
+def extract_payload(kit):
+    payload = os.path.join(kit, PAYLOAD)
+    if os.path.isfile(payload):
+        with tarfile.open(payload) as tar:
+            tar.extractall(kit, filter="data")
+
+
 def size_mb(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) / 2**20
 
@@ -105,6 +126,7 @@ def pack(args):
             if store.startswith(".."):
                 raise SystemExit(f"store {store} lies outside the repository: set knowledge_dir inside it")
             shutil.copytree(os.path.join(ROOT, store), os.path.join(KIT, "repo", store), dirs_exist_ok=True)
+    compress_payload(KIT)
     total = size_mb(KIT)
     print(f"{KIT}: {total:.1f} MiB ({', '.join(f'{d} {size_mb(os.path.join(KIT, d)):.1f}' for d in sorted(os.listdir(KIT)))})")
     if total > CARRY_LIMIT_MB:
@@ -133,6 +155,7 @@ def run(args):
              "torch.cuda.get_device_name(0))")
     subprocess.run([sys.executable, "-c", probe], env=env, check=True)
     sys.path[:0] = [site, ROOT]  # this process reads the suite through the plugin too
+    extract_payload(KIT)
     if not os.path.exists(SHARED) and os.path.isdir(os.path.join(KIT, "shared", "data")):
         os.makedirs(os.path.dirname(SHARED), exist_ok=True)
         os.symlink(os.path.join(KIT, "shared", "data"), SHARED)

@@ -203,3 +203,26 @@ def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
     assert sorted(os.listdir(cells)) == ["DIN-1.json", "DIN-2.json", "DIN_REKI-1.json", "DIN_REKI-2.json"]
     summary = (workdir / "results" / "suite" / "summary.md").read_text()
     assert "| DIN_REKI | 2 | 0.7400 ± 0.0141 |" in summary and "no cell ran in this invocation" in summary
+
+
+def test_device_kit_payload_is_compressed_and_comes_back_whole(tmp_path):
+    import device_session
+
+    kit = tmp_path / "kit"
+    store = kit / "repo" / "benchmarks" / "results" / "knowledge" / "s"
+    store.mkdir(parents=True)
+    texts = "".join(json.dumps({"tokens": [str(i)], "text": "a user who likes quiet dramas"}) + "\n" for i in range(2000))
+    (store / "user.texts.jsonl").write_text(texts)
+    np.save(store / "user.vectors.npy", np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    (kit / "shared" / "data" / "ml-1m").mkdir(parents=True)
+    (kit / "shared" / "data" / "ml-1m" / "movies.dat").write_text("1::Toy Story (1995)::Animation\n" * 500)
+    (kit / "wheels").mkdir()
+    (kit / "wheels" / "x.whl").write_bytes(b"zip")
+    before = device_session.size_mb(kit)
+    device_session.compress_payload(kit)
+    assert sorted(os.listdir(kit)) == [device_session.PAYLOAD, "wheels"]  # wheels stay loose for pip
+    assert device_session.size_mb(kit) < before / 3
+    device_session.extract_payload(kit)
+    assert (store / "user.texts.jsonl").read_text() == texts
+    assert np.load(store / "user.vectors.npy").shape == (50, 8)
+    assert (kit / "shared" / "data" / "ml-1m" / "movies.dat").read_text().count("\n") == 500
