@@ -130,6 +130,9 @@ def test_a_cluster_s_knowledge_is_stored_once_and_read_per_member(tiny_config, w
     table = store.aligned("user", dataset, uid)
     assert np.array_equal(table[[dataset.field2token_id[uid][t] for t in tokens]], vectors)
     assert np.allclose(table[dataset.field2token_id[uid][dataset.field2id_token[uid][13]]], vectors.mean(0))
+    np.save(workdir / "store" / "user.rows.npy", np.arange(12, dtype=np.int32))  # rows past the 4 vectors
+    with pytest.raises(KnowledgeStoreError, match="damaged: 'user' has 12 tokens, 12 rows and 4 vectors"):
+        store.vectors("user")
 
 
 def test_a_store_written_one_row_per_token_is_still_read(tiny_config, workdir):
