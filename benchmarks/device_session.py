@@ -100,8 +100,10 @@ def extract_payload(kit):
             tar.extractall(kit, filter="data")
 
 
-def size_mb(folder):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) / 2**20
+def size_mb(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path) / 2**20
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2**20
 
 
 def pack(args):

@@ -222,6 +222,7 @@ def test_device_kit_payload_is_compressed_and_comes_back_whole(tmp_path):
     device_session.compress_payload(kit)
     assert sorted(os.listdir(kit)) == [device_session.PAYLOAD, "wheels"]  # wheels stay loose for pip
     assert device_session.size_mb(kit) < before / 3
+    assert device_session.size_mb(kit / device_session.PAYLOAD) == pytest.approx(device_session.size_mb(kit), abs=1e-4)
     device_session.extract_payload(kit)
     assert (store / "user.texts.jsonl").read_text() == texts
     assert np.load(store / "user.vectors.npy").shape == (50, 8)
