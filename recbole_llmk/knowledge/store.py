@@ -16,6 +16,7 @@ token) are still read.
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 
@@ -37,8 +38,6 @@ class KnowledgeStore:
         store, ``{name: text}``, or ``{name: writer}`` where ``writer(path)`` saves a folder (e.g.
         a clusterer's ``save``). Written to a temp name, then renamed, so an interrupted build
         never leaves a store that looks complete."""
-        import shutil
-
         tmp = path.rstrip("/") + ".partial"
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed build left
         os.makedirs(tmp)
