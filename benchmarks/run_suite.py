@@ -157,7 +157,10 @@ def run_cell(model, dataset, config, label=None):
 def build_cell_store(model, dataset, config):
     """The knowledge store one cell needs, built or found, with nothing trained; -> a JSON-able dict."""
     from recbole_llmk.quick_start import build_knowledge, prepare
+    from recbole_llmk.utils import get_model
 
+    if not hasattr(get_model(model), "prepare_knowledge"):  # a stock model: no dataset to load for nothing
+        return {"model": model, "seed": config["seed"], "store": None, "seconds": 0.0}
     config, _, train_data, _, _ = prepare(model, dataset, config_dict=config)
     start = time.time()
     store = build_knowledge(config, train_data)

@@ -60,6 +60,7 @@ def test_stores_only_builds_the_knowledge_and_trains_nothing(tiny_config, workdi
     assert os.listdir(folder / "cells") == [] and not (folder / "summary.md").exists()
     built = json.loads((folder / "stores" / "DeepFM_REKI-1.json").read_text())
     assert json.loads((folder / "stores" / "DeepFM-1.json").read_text())["store"] is None
+    assert not (folder / "log" / "DeepFM").exists()  # the stock cell loaded no dataset (RecBole logs it)
     meta = os.path.join(built["store"], "meta.json")
     stamp = os.path.getmtime(meta)
     trained = subprocess.run(command, capture_output=True, text=True, timeout=600)
