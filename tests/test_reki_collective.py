@@ -61,3 +61,20 @@ def test_collective_prompts_hold_only_training_interactions(collective_config):
             assert shown and shown <= seen  # every listed item is a member's *training* interaction
             checked += 1
     assert checked and len(user_cluster_of) == 30
+
+
+def test_items_without_training_interactions_join_no_cluster(collective_config, workdir):
+    """Their cluster-model vector is its random start: they get no cluster's knowledge and stand in no prompt."""
+    with open(workdir / "data" / "tiny" / "tiny.item", "a") as f:
+        f.writelines(f"{i}\tTitle{i} Story\t1990\tDrama\n" for i in range(41, 46))  # in no interaction
+    config, _, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=collective_config)
+    dataset = training_dataset(train_data)
+    cold = {str(i) for i in range(41, 46)}
+    assert cold <= set(dataset.field2id_token[dataset.iid_field])  # RecBole keeps them as items
+    trained = set(training_interactions(dataset)["item"])
+    assert not cold & trained
+    plan = reki_requests(config, dataset)[1]()
+    assert set(plan.layout["item_cluster"]) == trained
+    assert cold <= set(plan.layout["item_description"])  # each still has its own description
+    named = set().union(*(re.findall(r"Title(\d+) ", r.prompt) for r in plan.requests))
+    assert named and not named & cold

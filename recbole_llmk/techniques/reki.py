@@ -73,7 +73,8 @@ def reki_requests(config, dataset):
     if mode == "individual":
         return settings, lambda: KnowledgePlan.individual(prompts.requests(dataset, frame))
     if mode == "collective":
-        settings.update(mode=mode, clusters=digest({k: config[k] for k in COLLECTIVE_KEYS} | {"seed": config["seed"]}))
+        settings.update(mode=mode, clusters=digest({k: config[k] for k in COLLECTIVE_KEYS}
+                                                   | {"seed": config["seed"], "items": "trained only"}))
         return settings, lambda: collective_plan(config, dataset, frame, prompts)
     release = load_release(config)
     settings.update(mode=mode, **release_settings(config, release))
@@ -106,13 +107,17 @@ def collective_plan(config, dataset, frame, prompts):
                                  config["reki_cluster_model_epochs"] or 20, config["reki_cluster_model_config"])
     item_tokens, item_vectors = vectors["item"]
     item_row = {t: r for r, t in enumerate(item_tokens)}
+    # An item the training split never shows has only its random initial vector: clustered, it would
+    # get an arbitrary cluster's knowledge and stand in that cluster's prompt. It keeps its description.
+    trained = sorted(item_row[t] for t in set(frame["item"]) if t in item_row)
     user_row = {t: r for r, t in enumerate(vectors["user"][0])}
     histories = recent_histories(prompts.describer.with_ratings(frame), prompts.history_length)
     users = [u for u in histories if u in user_row]
     recent = np.stack([item_vectors[[item_row[i] for i in histories[u]["item"]]].mean(0) for u in users])
     user_points = np.concatenate([recent, vectors["user"][1][[user_row[u] for u in users]]], axis=1)
     clusters, files = {}, {}
-    for kind, ids, points in (("item", item_tokens, item_vectors), ("user", users, user_points)):
+    for kind, ids, points in (("item", [item_tokens[r] for r in trained], item_vectors[trained]),
+                              ("user", users, user_points)):
         clusterer = make_clusterer(config, kind).fit(points, ids)
         clusters[kind] = {str(i): int(c) for i, c in zip(clusterer.ids, clusterer.labels_)}
         files[f"{kind}_clusters.json"] = json.dumps(clusterer.clusters(), default=str)
@@ -148,7 +153,8 @@ def collective_plan(config, dataset, frame, prompts):
     n_individual = sum(map(len, described.values()))
     logging.getLogger().info(
         f"REKI-C: {len(_members(clusters['item']))} item clusters, {len(_members(clusters['user']))} user clusters "
-        f"({config['cluster_method'] or 'streakhc'}): {len(requests)} prompts instead of {n_individual} individual ones")
+        f"({config['cluster_method'] or 'streakhc'}): {len(requests)} prompts instead of {n_individual} individual ones; "
+        f"{len(item_tokens) - len(trained)} items without training interactions are in no cluster (default vector)")
     return KnowledgePlan(requests, layout, texts, SIDES, postprocess=lambda answers: (answers, files))
 
 
