@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import yaml
 
@@ -374,16 +375,36 @@ def cell_file(folder, label, seed, kind="cells"):
     return os.path.join(folder, kind, f"{label.replace(os.sep, '_')}-{seed}.json")
 
 
+@contextmanager
+def claim(folder, label, seed, kind):
+    """True when this process now holds the (label, seed) cell, False when another runner does.
+    Runners started side by side on one suite (to use more cores) so run each cell once; a claim
+    ends with its process, so a killed runner leaves nothing to clean up."""
+    import fcntl
+
+    path = cell_file(folder, label, seed, "claims")[:-len(".json")] + f".{kind}.lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
     """Run the unfinished (label, seed) cells, ``jobs`` processes at a time, each in its own
     process; -> (the cells that failed (their stderr is printed, the others go on), how many ran).
-    ``stores_only``: each builds only its knowledge store, reported under ``<folder>/stores``."""
+    ``stores_only``: each builds only its knowledge store, reported under ``<folder>/stores``.
+    A cell another runner holds, or finished since this one started, is skipped."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = dict(os.environ)
     if jobs > 1:  # cells share the cores instead of each taking all of them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    os.makedirs(os.path.join(folder, "stores" if stores_only else "cells"), exist_ok=True)
+    kind = "stores" if stores_only else "cells"
+    os.makedirs(os.path.join(folder, kind), exist_ok=True)
     pending = []
     for index, (label, seed) in enumerate(todo, 1):
         if os.path.isfile(cell_file(folder, label, seed)):
@@ -392,12 +413,17 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
             pending.append((index, label, seed))
 
     def run(index, label, seed):
-        output = cell_file(folder, label, seed, "stores" if stores_only else "cells")
-        print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
-        begin = time.time()
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path, f"--cell={label},{seed},{output}"]
-                              + (["--stores-only"] if stores_only else []),
-                              cwd=folder, capture_output=True, text=True, env=env)
+        output = cell_file(folder, label, seed, kind)
+        with claim(folder, label, seed, kind) as mine:
+            if not mine or (not stores_only and os.path.isfile(output)):
+                print(f"[{index}/{len(todo)}] {label} seed {seed}: "
+                      f"{'another runner has it' if not mine else 'finished by another runner'}, skipped", flush=True)
+                return "skipped"
+            print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
+            begin = time.time()
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path,
+                                   f"--cell={label},{seed},{output}"] + (["--stores-only"] if stores_only else []),
+                                  cwd=folder, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{label} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
             return f"{label}-{seed}"
@@ -409,7 +435,8 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda job: run(*job), pending))
-    return [o for o in outcomes if o], len(pending)
+    failed = [o for o in outcomes if o and o != "skipped"]
+    return failed, sum(o != "skipped" for o in outcomes)
 
 
 def run_setup(suite):

@@ -69,6 +69,26 @@ def test_stores_only_builds_the_knowledge_and_trains_nothing(tiny_config, workdi
     assert os.path.getmtime(meta) == stamp  # used as built, not rebuilt
 
 
+def test_a_cell_claimed_by_another_runner_is_left_to_it(tiny_config, workdir):
+    """Runners started side by side on one suite run each cell once: a held cell is skipped."""
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    suite = {"dataset": "tiny", "models": ["DeepFM"], "seeds": [1, 2], "config": config}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    folder = workdir / "results" / "suite"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
+    with run_suite.claim(str(folder), "DeepFM", 1, "cells") as held:
+        with run_suite.claim(str(folder), "DeepFM", 1, "cells") as again:
+            assert held and not again  # a second claim fails while the first is held
+        other = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "DeepFM seed 1: another runner has it, skipped" in other.stdout
+    assert sorted(os.listdir(folder / "cells")) == ["DeepFM-2.json"]
+    assert "1 cells ran" in (folder / "summary.md").read_text()
+    with run_suite.claim(str(folder), "DeepFM", 1, "cells") as free:
+        assert free  # the runner's claims ended with it
+
+
 def test_cost_quality_plot_needs_two_knowledge_entries(tmp_path):
     rows = [{"model": "DeepFM", "auc_mean": 0.78, "auc_std": 0.01},
             {"model": "individual", "auc_mean": 0.79, "auc_std": 0.01, "llm_prompts": 2625.0},
