@@ -412,13 +412,13 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
         else:
             pending.append((index, label, seed))
 
-    def run(index, label, seed):
+    def run(index, label, seed):  # -> (whether it ran, its name if it failed)
         output = cell_file(folder, label, seed, kind)
         with claim(folder, label, seed, kind) as mine:
             if not mine or (not stores_only and os.path.isfile(output)):
                 print(f"[{index}/{len(todo)}] {label} seed {seed}: "
                       f"{'another runner has it' if not mine else 'finished by another runner'}, skipped", flush=True)
-                return "skipped"
+                return False, None
             print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
             begin = time.time()
             done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path,
@@ -426,17 +426,16 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
                                   cwd=folder, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{label} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
-            return f"{label}-{seed}"
+            return True, f"{label}-{seed}"
         with open(output) as f:
             result = json.load(f)
         shown = result["store"] if stores_only else result["test"]
         print(f"    {label} seed {seed}: {shown}  ({time.time() - begin:.0f} s)", flush=True)
-        return None
+        return True, None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda job: run(*job), pending))
-    failed = [o for o in outcomes if o and o != "skipped"]
-    return failed, sum(o != "skipped" for o in outcomes)
+    return [failure for _, failure in outcomes if failure], sum(ran for ran, _ in outcomes)
 
 
 def run_setup(suite):
