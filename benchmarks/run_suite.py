@@ -438,15 +438,19 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
     return [failure for _, failure in outcomes if failure], sum(ran for ran, _ in outcomes)
 
 
-def run_setup(suite):
+def run_setup(suite, folder):
     """The suite's ``setup`` commands (idempotent ones, e.g. writing a model a cell reads), in the
-    repository, before any cell; ``{python}`` is this interpreter, ``{repo}`` the repository."""
+    repository, before any cell; ``{python}`` is this interpreter, ``{repo}`` the repository.
+    One runner at a time: two runners started together would write the same files at once."""
     import shlex
 
-    for command in suite.get("setup") or []:
-        argv = [part.format(python=sys.executable, repo=ROOT) for part in shlex.split(command)]
-        print(f"setup: {' '.join(argv)}", flush=True)
-        subprocess.run(argv, cwd=ROOT, check=True)
+    from recbole_llmk.knowledge.pipeline import store_lock
+
+    with store_lock(os.path.join(folder, "claims", "setup")):
+        for command in suite.get("setup") or []:
+            argv = [part.format(python=sys.executable, repo=ROOT) for part in shlex.split(command)]
+            print(f"setup: {' '.join(argv)}", flush=True)
+            subprocess.run(argv, cwd=ROOT, check=True)
 
 
 def main():
@@ -484,7 +488,7 @@ def main():
     start = time.time()
     failed, ran = [], 0
     if not args.summary_only:
-        run_setup(suite)
+        run_setup(suite, folder)
         failed, ran = run_cells(args.suite, folder, todo, args.jobs, args.stores_only)
     if args.stores_only:
         if failed:

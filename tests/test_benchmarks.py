@@ -156,10 +156,26 @@ def test_suite_paths_may_start_at_the_repository():
 def test_setup_commands_run_in_the_repository_before_the_cells(tmp_path):
     out = tmp_path / "made.txt"
     suite = {"setup": [f"{{python}} -c \"import os; open(r'{out}', 'w').write(os.getcwd())\""]}
-    run_suite.run_setup(suite)
+    run_suite.run_setup(suite, str(tmp_path))
     assert os.path.samefile(out.read_text(), ROOT)
     with pytest.raises(subprocess.CalledProcessError):
-        run_suite.run_setup({"setup": ["{python} -c \"raise SystemExit(3)\""]})
+        run_suite.run_setup({"setup": ["{python} -c \"raise SystemExit(3)\""]}, str(tmp_path))
+
+
+def test_a_runner_waits_for_another_runners_setup(tmp_path):
+    import threading
+
+    from recbole_llmk.knowledge.pipeline import store_lock
+
+    out = tmp_path / "made.txt"
+    suite = {"setup": [f"{{python}} -c \"open(r'{out}', 'w').write('done')\""]}
+    with store_lock(str(tmp_path / "claims" / "setup")):  # another runner's setup is under way
+        runner = threading.Thread(target=run_suite.run_setup, args=(suite, str(tmp_path)))
+        runner.start()
+        runner.join(timeout=3)
+        assert runner.is_alive() and not out.exists()
+    runner.join(timeout=60)
+    assert out.read_text() == "done"
 
 
 def test_random_encoder_has_the_asked_width_and_tells_texts_apart(tmp_path):
