@@ -19,7 +19,6 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import yaml
 
@@ -375,22 +374,13 @@ def cell_file(folder, label, seed, kind="cells"):
     return os.path.join(folder, kind, f"{label.replace(os.sep, '_')}-{seed}.json")
 
 
-@contextmanager
 def claim(folder, label, seed, kind):
-    """True when this process now holds the (label, seed) cell, False when another runner does.
-    Runners started side by side on one suite (to use more cores) so run each cell once; a claim
-    ends with its process, so a killed runner leaves nothing to clean up."""
-    import fcntl
+    """A context yielding True when this process now holds the (label, seed) cell, False when
+    another runner does. Runners started side by side on one suite (to use more cores) so run each
+    cell once; a claim ends with its process, so a killed runner leaves nothing to clean up."""
+    from recbole_llmk.knowledge.pipeline import file_lock
 
-    path = cell_file(folder, label, seed, "claims")[:-len(".json")] + f".{kind}.lock"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+    return file_lock(cell_file(folder, label, seed, "claims")[:-len(".json")] + f".{kind}.lock", wait=False)
 
 
 def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):

@@ -94,17 +94,27 @@ def ensure_store(config, settings, make_plan):
         return build_store(config, settings, make_plan(), path)
 
 
-@contextmanager
 def store_lock(path):
-    """An exclusive lock on ``<path>.lock`` for as long as the block runs (released if the
-    process dies, so a killed build never blocks the next run)."""
+    """An exclusive lock on ``<path>.lock`` for as long as the block runs: one build per store."""
+    return file_lock(path.rstrip("/") + ".lock")
+
+
+@contextmanager
+def file_lock(path, wait=True):
+    """An exclusive lock on the file ``path`` for as long as the block runs; yields whether this
+    process holds it (always, when ``wait``; without, False if another process does). The lock
+    ends with its process, so a killed holder never blocks the next one."""
     import fcntl
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path.rstrip("/") + ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(path, "w") as handle:
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
