@@ -66,6 +66,24 @@ def test_stock_model_through_plugin_matches_recbole(tiny_config):
     assert dict(ours) == dict(theirs)
 
 
+def test_anomaly_detection_is_off_and_changes_no_number(tiny_config):
+    """Importing RecBole's sequential models (DIN among them) runs sine.py's process-wide
+    ``set_detect_anomaly(True)``; the plugin turns it off (``detect_anomaly``), which only saves
+    time: with it on, as RecBole leaves it, DIN trains to the same weights."""
+    import torch
+
+    tiny_config["epochs"] = 2
+    try:
+        fast = run_recbole_llmk("DIN", "tiny", config_dict=dict(tiny_config), saved=False)
+        assert not torch.is_anomaly_enabled()
+        slow = run_recbole_llmk("DIN", "tiny", config_dict=dict(tiny_config, detect_anomaly=True), saved=False)
+        assert torch.is_anomaly_enabled()
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+    assert dict(fast["test_result"]) == dict(slow["test_result"])
+    assert all(torch.equal(a, b) for a, b in zip(fast["model"].parameters(), slow["model"].parameters()))
+
+
 def test_unknown_model_gives_a_clear_error(workdir):
     with pytest.raises(ValueError, match="is not a RecBole model"):
         LLMKConfig("NoSuchModel_REKI", "tiny", config_dict={"data_path": str(workdir / "data")})
