@@ -84,6 +84,21 @@ def test_anomaly_detection_is_off_and_changes_no_number(tiny_config):
     assert all(torch.equal(a, b) for a, b in zip(fast["model"].parameters(), slow["model"].parameters()))
 
 
+def test_flush_denormal_is_the_configs_choice(tiny_config):
+    import torch
+
+    from recbole_llmk.quick_start import prepare
+
+    denormal = torch.tensor([1e-39])
+    try:
+        prepare("DeepFM", "tiny", config_dict=dict(tiny_config, flush_denormal=True))
+        assert (denormal * 1.0).item() == 0.0
+        prepare("DeepFM", "tiny", config_dict=dict(tiny_config))
+        assert (denormal * 1.0).item() > 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_unknown_model_gives_a_clear_error(workdir):
     with pytest.raises(ValueError, match="is not a RecBole model"):
         LLMKConfig("NoSuchModel_REKI", "tiny", config_dict={"data_path": str(workdir / "data")})
