@@ -11,7 +11,7 @@ import time
 
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_llmk.compat import make_run_folders, set_torch_modes
+from recbole_llmk.compat import make_run_folders, set_process_modes
 from recbole_llmk.config import LLMKConfig
 from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
 
@@ -20,7 +20,7 @@ def prepare(model=None, dataset=None, config_file_list=None, config_dict=None):
     """Config, dataset and split exactly as RecBole builds them for the (base) model."""
     config = LLMKConfig(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    set_torch_modes(config)
+    set_process_modes(config)
     make_run_folders(config)
     init_logger(config)
     logger = logging.getLogger()

@@ -99,6 +99,32 @@ def test_flush_denormal_is_the_configs_choice(tiny_config):
         torch.set_flush_denormal(False)
 
 
+FAULTS_PER_ALLOCATION = """
+import resource, sys, torch
+from recbole_llmk.compat import set_process_modes
+set_process_modes({"detect_anomaly": False, "flush_denormal": False, "keep_freed_memory": sys.argv[1] == "True"})
+for _ in range(2):
+    torch.ones(16 << 20)  # the first 64 MiB blocks are fresh pages either way (the heap grows)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(16 << 20)  # a DIN-step-sized tensor, freed at once
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_stops_page_faults_per_allocation():
+    """glibc hands blocks above 32 MiB back to the kernel on free, so every large tensor is
+    faulted in page by page again; ``keep_freed_memory`` has the process reuse them."""
+    from recbole_llmk.compat import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc: its allocator has no mallopt")
+    faults = {keep: int(subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, str(keep)], check=True,
+                                       capture_output=True, text=True).stdout) for keep in (True, False)}
+    assert faults[False] > 1000  # 10 x 64 MiB of fresh pages
+    assert faults[True] < faults[False] / 20
+
+
 def test_unknown_model_gives_a_clear_error(workdir):
     with pytest.raises(ValueError, match="is not a RecBole model"):
         LLMKConfig("NoSuchModel_REKI", "tiny", config_dict={"data_path": str(workdir / "data")})
