@@ -220,7 +220,9 @@ def summarize(suite, cells):
         row = {"model": model, "seeds": len(runs)}
         for metric in sorted(next(iter(runs.values()))["test"]):
             values = np.array([runs[s]["test"][metric] for s in sorted(runs)])
-            row[f"{metric}_mean"], row[f"{metric}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+            row[f"{metric}_mean"] = values.mean()
+            if len(values) > 1:  # one seed has no spread: leave it out rather than print ± 0
+                row[f"{metric}_std"] = values.std(ddof=1)
             if base and base in by_model:
                 row[f"{metric}_rel"], row[f"{metric}_p"] = paired_change(runs, by_model[base], metric)
             if entry["versus"] in by_model:
@@ -289,7 +291,7 @@ def plot_cost(rows, metric, path):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in points:
-        ax.errorbar(r["llm_prompts"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt="o", capsize=3)
+        ax.errorbar(r["llm_prompts"], r[f"{metric}_mean"], yerr=r.get(f"{metric}_std", 0.0), fmt="o", capsize=3)
         ax.annotate(r["model"], (r["llm_prompts"], r[f"{metric}_mean"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
@@ -320,8 +322,8 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
 
     for r in rows:
         cells = [r["model"], str(r["seeds"])]
-        cells += [f"{r[m + '_mean']:.4f} ± {r[m + '_std']:.4f}" for m in metrics]
-        cells += [f"{100 * r[m + '_rel']:+.2f}% (p={r[m + '_p']:.3f})" if m + "_rel" in r else "" for m in metrics]
+        cells += [f"{r[m + '_mean']:.4f}" + (f" ± {r[m + '_std']:.4f}" if m + "_std" in r else "") for m in metrics]
+        cells += [change(r, m, "") for m in metrics]
         cells += [fmt(r.get("train_epoch_seconds"), ".1f"), fmt(r.get("train_batch_ms"), ".1f"),
                   fmt(r.get("infer_batch_ms"), ".2f"), fmt(r.get("infer_batch_ms_prestored"), ".2f"),
                   fmt(r.get("knowledge_seconds"), ".0f"), fmt(r.get("llm_prompts"), ".0f"),
@@ -354,10 +356,17 @@ def versus_table(rows, metrics):
         return []
     lines = ["", "| model | against | " + " | ".join(f"{m} (p)" for m in metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
     for r in pairs:
-        changes = [f"{100 * r[m + '_versus_rel']:+.2f}% (p={r[m + '_versus_p']:.3f})" if m + "_versus_rel" in r else ""
-                   for m in metrics]
+        changes = [change(r, m, "_versus") for m in metrics]
         lines.append(f"| {r['model']} | {r['versus']} | " + " | ".join(changes) + " |")
     return lines
+
+
+def change(row, metric, against):
+    """Relative change with its paired-test p, or the note that one shared seed allows no test."""
+    if f"{metric}{against}_rel" not in row:
+        return ""
+    p = row[f"{metric}{against}_p"]
+    return f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + (f"(p={p:.3f})" if p == p else "(1 shared seed: no test)")
 
 
 def load_note(cells):

@@ -145,6 +145,16 @@ def test_a_variant_is_also_compared_with_the_entry_it_names(tmp_path):
         run_suite.load_suite(str(tmp_path / "typo.yaml"))
 
 
+def test_one_seed_reports_no_spread_and_no_test(tmp_path):
+    suite = {"name": "s", "dataset": "d", "seeds": [1], "models": ["DIN", "DIN_REKI"]}
+    cells = [{"model": "DIN", "seed": 1, "test": {"auc": 0.80}}, {"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}}]
+    rows = run_suite.summarize(suite, cells)
+    assert all("auc_std" not in r for r in rows)  # a std of one value is not a spread of 0
+    report = run_suite.write_reports(suite, rows, str(tmp_path), 1.0, 1, 2, cells)
+    assert "| DIN_REKI | 1 | 0.8200 | +2.50% (1 shared seed: no test) |" in report
+    assert "nan" not in report and "±" not in report.split("\n\n")[0]
+
+
 def test_suite_paths_may_start_at_the_repository():
     suite = {"models": ["DeepFM"], "seeds": [1], "config": {"reki_release_path": "{repo}/../shared/x", "n": 3},
              "model_config": {}}
