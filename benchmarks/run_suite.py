@@ -256,7 +256,8 @@ def relative_changes(cells, suite, metric):
 
 
 def plot_uplift(cells, suite, metric, path):
-    """Bar per variant: mean relative change of ``metric`` over seeds, error bar = std over seeds."""
+    """Bar per variant: mean relative change of ``metric`` over seeds, error bar = std over seeds
+    (none for one seed); each bar's label says how many seeds it pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,11 +268,14 @@ def plot_uplift(cells, suite, metric, path):
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(len(changes), 1), 3.2))
     names = list(changes)
     means = [100 * np.mean(changes[n]) for n in names]
-    stds = [100 * np.std(changes[n], ddof=1) if len(changes[n]) > 1 else 0.0 for n in names]
-    ax.bar(names, means, yerr=stds, capsize=4, color=["tab:green" if m >= 0 else "tab:red" for m in means])
+    stds = [100 * np.std(changes[n], ddof=1) if len(changes[n]) > 1 else np.nan for n in names]
+    labels = [f"{n} ({len(changes[n])} seed{'s' if len(changes[n]) > 1 else ''})" for n in names]
+    ax.bar(labels, means, yerr=stds, capsize=4, color=["tab:green" if m >= 0 else "tab:red" for m in means])
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     ax.set_ylabel(f"{metric} change vs stock (%)")
-    ax.set_title(f"{suite['name']} on {suite['dataset']} ({len(suite['seeds'])} seeds)")
+    ax.set_title(f"{suite['name']} on {suite['dataset']}: mean ± std over the seeds each pair ran")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -153,6 +153,8 @@ def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     report = run_suite.write_reports(suite, rows, str(tmp_path), 1.0, 1, 2, cells)
     assert "| DIN_REKI | 1 | 0.8200 | +2.50% (1 shared seed: no test) |" in report
     assert "nan" not in report and "±" not in report.split("\n\n")[0]
+    path = run_suite.plot_uplift(cells, suite, "auc", str(tmp_path / "uplift.png"))
+    assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"  # one seed: a bar without an error bar
 
 
 def test_suite_paths_may_start_at_the_repository():
