@@ -193,14 +193,15 @@ def inference_ms(model, data, repeats=3):
 
 
 def paired_change(runs, others, metric):
-    """(relative change of the mean, paired t-test p) of ``metric`` on the seeds both ran."""
+    """(relative change of the mean, paired t-test p) of ``metric`` on the seeds both ran; p is
+    None when they share one seed, which allows no test."""
     import numpy as np
     from scipy import stats
 
     shared = sorted(set(runs) & set(others))
     ours = np.array([runs[s]["test"][metric] for s in shared])
     theirs = np.array([others[s]["test"][metric] for s in shared])
-    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else float("nan")
+    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else None
 
 
 def summarize(suite, cells):
@@ -295,7 +296,7 @@ def plot_cost(rows, metric, path):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in points:
-        ax.errorbar(r["llm_prompts"], r[f"{metric}_mean"], yerr=r.get(f"{metric}_std", 0.0), fmt="o", capsize=3)
+        ax.errorbar(r["llm_prompts"], r[f"{metric}_mean"], yerr=r.get(f"{metric}_std"), fmt="o", capsize=3)
         ax.annotate(r["model"], (r["llm_prompts"], r[f"{metric}_mean"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
@@ -370,7 +371,7 @@ def change(row, metric, against):
     if f"{metric}{against}_rel" not in row:
         return ""
     p = row[f"{metric}{against}_p"]
-    return f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + (f"(p={p:.3f})" if p == p else "(1 shared seed: no test)")
+    return f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f})")
 
 
 def load_note(cells):

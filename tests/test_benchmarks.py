@@ -96,6 +96,9 @@ def test_cost_quality_plot_needs_two_knowledge_entries(tmp_path):
     assert run_suite.plot_cost(rows[:2], "auc", str(tmp_path / "one.png")) is None
     path = run_suite.plot_cost(rows, "auc", str(tmp_path / "cost.png"))
     assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    del rows[2]["auc_std"]  # an entry run on one seed has no spread
+    path = run_suite.plot_cost(rows, "auc", str(tmp_path / "one-seed.png"))
+    assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_paired_t_test_pairs_by_seed_and_matches_scipy():
@@ -154,7 +157,8 @@ def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     assert "| DIN_REKI | 1 | 0.8200 | +2.50% (1 shared seed: no test) |" in report
     assert "nan" not in report and "±" not in report.split("\n\n")[0]
     path = run_suite.plot_uplift(cells, suite, "auc", str(tmp_path / "uplift.png"))
-    assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"  # one seed: a bar without an error bar
+    assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"  # a one-seed bar has no spread to draw
+    assert run_suite.summarize(suite, cells)[1]["auc_p"] is None  # and summary.csv leaves its p empty
 
 
 def test_suite_paths_may_start_at_the_repository():
