@@ -103,12 +103,10 @@ FAULTS_PER_ALLOCATION = """
 import resource, sys, torch
 from recbole_llmk.compat import set_process_modes
 set_process_modes({"detect_anomaly": False, "flush_denormal": False, "keep_freed_memory": sys.argv[1] == "True"})
-for _ in range(2):
-    torch.ones(16 << 20)  # the first 64 MiB blocks are fresh pages either way (the heap grows)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.ones(16 << 20)  # a DIN-step-sized tensor, freed at once
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20)  # a DIN-step-sized tensor (64 MiB), freed at once
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
@@ -119,10 +117,14 @@ def test_keep_freed_memory_stops_page_faults_per_allocation():
 
     if not keep_freed_memory():
         pytest.skip("not glibc: its allocator has no mallopt")
-    faults = {keep: int(subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, str(keep)], check=True,
-                                       capture_output=True, text=True).stdout) for keep in (True, False)}
-    assert faults[False] > 1000  # 10 x 64 MiB of fresh pages
-    assert faults[True] < faults[False] / 20
+    faults = {keep: sorted(map(int, subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, str(keep)], check=True,
+                                                   capture_output=True, text=True).stdout.split()))
+              for keep in (True, False)}
+    # The median, not the sum: the first few blocks are fresh pages either way while the heap
+    # grows, and how many that takes differs between machines (two here, three on CI).
+    kept, freed = faults[True][6], faults[False][6]
+    assert freed > 1000, faults  # 64 MiB of fresh pages per allocation
+    assert kept < freed / 20, faults
 
 
 def test_unknown_model_gives_a_clear_error(workdir):
