@@ -102,8 +102,10 @@ def cell_config(suite, entry, seed):
     return {k: v.format(repo=ROOT) if isinstance(v, str) and "{repo}" in v else v for k, v in config.items()}
 
 
-def run_cell(model, dataset, config, label=None):
-    """Train, evaluate and time one cell in this process; -> a JSON-able dict."""
+def run_cell(model, dataset, config, label=None, resume_file=None):
+    """Train, evaluate and time one cell in this process; -> a JSON-able dict. With
+    ``resume_file``, training saves its state there after each evaluated epoch and a rerun of a
+    killed cell continues from it (to the same numbers; see recbole_llmk.trainer)."""
     import resource
 
     import torch
@@ -112,31 +114,24 @@ def run_cell(model, dataset, config, label=None):
     from recbole_llmk.quick_start import build_knowledge, create_model, prepare
     from recbole_llmk.utils import get_trainer
 
+    key = json.dumps({"model": model, "dataset": dataset, "config": config}, sort_keys=True, default=str)
     config, _, train_data, valid_data, test_data = prepare(model, dataset, config_dict=config)
     start = time.time()
     store = build_knowledge(config, train_data)
     knowledge_seconds = time.time() - start
     net = create_model(config, train_data)
     trainer = get_trainer(config)(config, net)
-    epoch_seconds, batches = [], len(train_data)
-    train_epoch = trainer._train_epoch
-
-    def timed_epoch(*args, **kwargs):
-        begin = time.time()
-        out = train_epoch(*args, **kwargs)
-        epoch_seconds.append(time.time() - begin)
-        return out
-
-    trainer._train_epoch = timed_epoch
+    trainer.resume_file, trainer.resume_key = resume_file, key
     trainer.saved_model_file = os.path.join(config["checkpoint_dir"], f"{model}-{config['seed']}-{get_local_time()}.pth")
     best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     test_result = trainer.evaluate(test_data, load_best_model=True)
+    epoch_seconds = trainer.epoch_seconds  # those of killed earlier runs of this cell included
     cell = {
         "model": label or model, "recbole_model": model, "dataset": dataset, "seed": config["seed"],
         "test": dict(test_result), "valid": dict(valid_result),
         "epochs_run": len(epoch_seconds),
         "train_epoch_seconds": sum(epoch_seconds) / max(len(epoch_seconds), 1),
-        "train_batch_ms": 1000 * sum(epoch_seconds) / max(len(epoch_seconds) * batches, 1),
+        "train_batch_ms": 1000 * sum(epoch_seconds) / max(len(epoch_seconds) * len(train_data), 1),
         "knowledge_seconds": knowledge_seconds,
         "knowledge": store.meta.get("generation") if store else None,
         "infer_batch_ms": inference_ms(net, test_data),
@@ -150,6 +145,10 @@ def run_cell(model, dataset, config, label=None):
     cell["load_average_1min"] = os.getloadavg()[0]
     if torch.cuda.is_available():
         cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if trainer.resumed_after:
+        cell["resumed_after_epochs"] = trainer.resumed_after
+    if resume_file and os.path.isfile(resume_file):
+        os.remove(resume_file)  # first: a state must never outlive the best model it names
     os.remove(trainer.saved_model_file)
     return cell
 
@@ -383,18 +382,24 @@ def load_note(cells):
             f"on {os.cpu_count()} cores (above the cores: the cells shared the CPU with other work)")
 
 
-def cell_file(folder, label, seed, kind="cells"):
+def cell_file(folder, label, seed, kind="cells", suffix=".json"):
     # labels name sweeps freely ("collective-80/100"); a file name has no "/"
-    return os.path.join(folder, kind, f"{label.replace(os.sep, '_')}-{seed}.json")
+    return os.path.join(folder, kind, f"{label.replace(os.sep, '_')}-{seed}{suffix}")
+
+
+def resume_file_of(folder, label, seed):
+    """Where a cell's training state waits for a rerun after a kill (removed when the cell ends)."""
+    return cell_file(folder, label, seed, "claims", ".resume.pth")
 
 
 def claim(folder, label, seed, kind):
     """A context yielding True when this process now holds the (label, seed) cell, False when
     another runner does. Runners started side by side on one suite (to use more cores) so run each
-    cell once; a claim ends with its process, so a killed runner leaves nothing to clean up."""
+    cell once; a claim ends with its process, so a killed runner leaves nothing to clean up (but
+    its training state, which the cell's next run continues)."""
     from recbole_llmk.knowledge.pipeline import file_lock
 
-    return file_lock(cell_file(folder, label, seed, "claims")[:-len(".json")] + f".{kind}.lock", wait=False)
+    return file_lock(cell_file(folder, label, seed, "claims", f".{kind}.lock"), wait=False)
 
 
 def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
@@ -482,7 +487,8 @@ def main():
         if args.stores_only:
             cell = build_cell_store(entry["model"], suite["dataset"], config)
         else:
-            cell = run_cell(entry["model"], suite["dataset"], config, label)
+            folder = os.path.dirname(os.path.dirname(os.path.abspath(output)))
+            cell = run_cell(entry["model"], suite["dataset"], config, label, resume_file_of(folder, label, seed))
         with open(output, "w") as f:
             json.dump(cell, f, indent=2)
         return

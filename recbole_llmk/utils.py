@@ -16,7 +16,7 @@ from recbole.data import data_preparation as recbole_data_preparation
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_llmk.compat import safe_trainer_class
+from recbole_llmk.trainer import plugin_trainer_class
 
 # technique suffix -> "module:factory"; a factory turns a RecBole model class into the variant.
 TECHNIQUES = {
@@ -84,5 +84,5 @@ def data_preparation(config, dataset):
 
 
 def get_trainer(config):
-    """RecBole's trainer for the base model, saving weights-only-loadable checkpoints."""
-    return safe_trainer_class(recbole_get_trainer(config["MODEL_TYPE"], base_model_name(config)))
+    """RecBole's trainer for the base model, saving weights-only-loadable checkpoints, resumable."""
+    return plugin_trainer_class(recbole_get_trainer(config["MODEL_TYPE"], base_model_name(config)))

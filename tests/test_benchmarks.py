@@ -89,6 +89,41 @@ def test_a_cell_claimed_by_another_runner_is_left_to_it(tiny_config, workdir):
         assert free  # the runner's claims ended with it
 
 
+def test_a_killed_cell_resumes_to_the_result_of_an_unbroken_one(tiny_config, workdir):
+    import signal
+    import time
+
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    config.update(epochs=8, stopping_step=8, eval_step=1, train_batch_size=32)
+    suite = {"dataset": "tiny", "models": ["DeepFM"], "seeds": [1], "config": config}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+
+    def command(results):
+        return [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / results)]
+
+    folder = workdir / "killed" / "suite"
+    state = run_suite.resume_file_of(str(folder), "DeepFM", 1)
+    runner = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not os.path.isfile(state) and runner.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(runner.pid, signal.SIGKILL)  # the runner and its cell, as a closed session would
+    runner.wait()
+    assert os.path.isfile(state) and not (folder / "cells" / "DeepFM-1.json").exists()
+
+    resumed = subprocess.run(command("killed"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    unbroken = subprocess.run(command("unbroken"), capture_output=True, text=True, timeout=600)
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    cell = json.loads((folder / "cells" / "DeepFM-1.json").read_text())
+    reference = json.loads((workdir / "unbroken" / "suite" / "cells" / "DeepFM-1.json").read_text())
+    assert cell["resumed_after_epochs"] and "resumed_after_epochs" not in reference
+    assert cell["epochs_run"] == reference["epochs_run"] == 8
+    assert (cell["test"], cell["valid"]) == (reference["test"], reference["valid"])
+    assert not os.path.exists(state) and os.listdir(config["checkpoint_dir"]) == []  # nothing left behind
+
+
 def test_cost_quality_plot_needs_two_knowledge_entries(tmp_path):
     rows = [{"model": "DeepFM", "auc_mean": 0.78, "auc_std": 0.01},
             {"model": "individual", "auc_mean": 0.79, "auc_std": 0.01, "llm_prompts": 2625.0},

@@ -1,0 +1,88 @@
+"""A training run killed mid-way and resumed from its file ends where an unbroken run ends."""
+
+import pytest
+import torch
+
+from recbole_llmk.quick_start import build_knowledge, create_model, prepare
+from recbole_llmk.utils import get_trainer
+
+EPOCHS = 4
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def config(tiny_config):
+    # dropout and shuffling make every epoch draw random numbers, which a resume must replay
+    return dict(tiny_config, epochs=EPOCHS, stopping_step=EPOCHS, eval_step=1, dropout_prob=0.3,
+                shuffle=True, train_batch_size=32, llm_backend="none")
+
+
+def make_trainer(config, resume_file=None, key="run", kill_at=None):
+    config, _, train_data, valid_data, test_data = prepare("DeepFM_REKI", "tiny", config_dict=config)
+    build_knowledge(config, train_data)
+    trainer = get_trainer(config)(config, create_model(config, train_data))
+    trainer.resume_file, trainer.resume_key = resume_file, key
+    if kill_at is not None:
+        train_epoch = trainer._train_epoch
+
+        def killed_at(data, epoch_idx, *args, **kwargs):
+            if epoch_idx == kill_at:
+                raise Killed
+            return train_epoch(data, epoch_idx, *args, **kwargs)
+
+        trainer._train_epoch = killed_at
+    return trainer, train_data, valid_data, test_data
+
+
+def train(config, **kwargs):
+    trainer, train_data, valid_data, test_data = make_trainer(config, **kwargs)
+    best = trainer.fit(train_data, valid_data, saved=True)
+    trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}  # before the best model is loaded back
+    return trainer, trained, best, trainer.evaluate(test_data, load_best_model=True)
+
+
+def kill_then_resume(config, resume_file, kill_at=2):
+    trainer, train_data, valid_data, _ = make_trainer(config, resume_file, kill_at=kill_at)
+    with pytest.raises(Killed):
+        trainer.fit(train_data, valid_data, saved=True)
+    return train(config, resume_file=resume_file)
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_ends_with_the_weights_and_results_of_an_unbroken_one(config, workdir):
+    _, weights, best, test = train(config)
+    resumed, resumed_weights, resumed_best, resumed_test = kill_then_resume(config, str(workdir / "run.resume"))
+
+    assert resumed.resumed_after == [1] and len(resumed.epoch_seconds) == EPOCHS
+    assert same_weights(weights, resumed_weights)
+    assert resumed_best == best and resumed_test == test
+
+
+def test_resuming_without_the_random_states_would_not_match(config, workdir, monkeypatch):
+    """What makes the test above able to fail: the epochs after a resume draw random numbers."""
+    _, weights, _, _ = train(config)
+    monkeypatch.setattr("recbole_llmk.trainer.set_random_states", lambda states, data: None)
+    _, resumed_weights, _, _ = kill_then_resume(config, str(workdir / "run.resume"))
+    assert not same_weights(weights, resumed_weights)
+
+
+def test_a_finished_run_resumes_to_its_result_without_training(config, workdir):
+    resume_file = str(workdir / "run.resume")
+    first, _, best, test = train(config, resume_file=resume_file)
+    again, _, again_best, again_test = train(config, resume_file=resume_file)
+    assert again.epoch_seconds == first.epoch_seconds  # no epoch trained this time
+    assert again_best == best and again_test == test
+
+
+def test_a_state_of_another_run_is_refused(config, workdir):
+    resume_file = str(workdir / "run.resume")
+    train(config, resume_file=resume_file)
+    trainer, train_data, valid_data, _ = make_trainer(config, resume_file, key="another config")
+    with pytest.raises(ValueError, match="another run.*delete it"):
+        trainer.fit(train_data, valid_data)
