@@ -121,12 +121,3 @@ class SafeCheckpointMixin:
         torch.save(state, saved_model_file)
         if verbose:
             self.logger.info(f"Saving current: {saved_model_file}")
-
-
-def safe_trainer_class(trainer_class):
-    """The trainer RecBole would pick, with weights-only-safe checkpoints."""
-    from recbole.trainer import Trainer
-
-    if not issubclass(trainer_class, Trainer):
-        return trainer_class  # decision-tree trainers keep their own checkpoint format
-    return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class), {})

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from recbole_llmk.compat import safe_trainer_class
+from recbole_llmk.compat import SafeCheckpointMixin
 
 
 def random_states(train_data):
@@ -131,4 +131,4 @@ def plugin_trainer_class(trainer_class):
 
     if not issubclass(trainer_class, Trainer):
         return trainer_class  # decision-tree trainers keep their own fit and checkpoint format
-    return type(trainer_class.__name__, (ResumableMixin, safe_trainer_class(trainer_class)), {})
+    return type(trainer_class.__name__, (ResumableMixin, SafeCheckpointMixin, trainer_class), {})
