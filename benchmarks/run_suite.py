@@ -40,13 +40,21 @@ def load_suite(path):
     ``{label, model, config, stock, versus, seeds}`` for a variant of a model under other settings
     (a sweep); ``stock`` names the label it is compared with (default: its stock RecBole backbone),
     ``versus`` a second label to compare it with (e.g. real LLM text against descriptions only),
-    ``seeds`` narrows the suite's seeds for that entry (e.g. a row that only measures time)."""
+    ``seeds`` narrows the suite's seeds for that entry (e.g. a row that only measures time).
+    ``reuse_cells_from`` names other suite files (beside this one) whose finished cells stand for
+    this suite's where they are the same run (see ``twin_cell``)."""
     with open(path, encoding="utf-8") as f:
         suite = yaml.safe_load(f)
     for key in ("dataset", "models", "seeds"):
         if key not in suite:
             raise ValueError(f"{path}: suite needs '{key}'")
+    suite["reuse_cells_from"] = [os.path.join(os.path.dirname(os.path.abspath(path)), other)
+                                 for other in suite.get("reuse_cells_from") or []]
+    missing = [other for other in suite["reuse_cells_from"] if not os.path.isfile(other)]
+    if missing:
+        raise ValueError(f"{path}: reuse_cells_from names no suite file: {', '.join(missing)}")
     suite.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    suite["file"] = os.path.abspath(path)
     suite.setdefault("config", {})
     suite.setdefault("model_config", {})
     suite["entries"] = [entry_of(m) for m in suite["models"]]
@@ -100,6 +108,69 @@ def cell_config(suite, entry, seed):
     config.update({"seed": seed, "show_progress": False})
     # paths in a suite may start at the repository: "{repo}/../shared/data/..."
     return {k: v.format(repo=ROOT) if isinstance(v, str) and "{repo}" in v else v for k, v in config.items()}
+
+
+# settings that change which numbers a run reports, not the run itself
+REPORT_ONLY = ("metrics", "topk")
+
+
+def reports_at_most(ours, theirs):
+    """Whether a run under ``theirs`` reported every metric a run under ``ours`` would (a key
+    only one of them sets falls to RecBole's default in the other: unknown here, so no)."""
+    def names(value):
+        return {str(v).lower() for v in (value if isinstance(value, list) else [value])}
+
+    return all(ours.get(k) == theirs.get(k) or None not in (ours.get(k), theirs.get(k))
+               and names(ours[k]) <= names(theirs[k]) for k in REPORT_ONLY)
+
+
+def twin_cell(suite, label, seed, results):
+    """The finished cell of a suite in ``suite['reuse_cells_from']`` (its results beside this
+    suite's, under ``results``) that is the same run as this suite's (label, seed): the same model,
+    dataset, seed and settings, save that it may have reported more metrics; -> its path or None.
+    Running it again would spend hours to repeat a deterministic run (two suites share their
+    SASRec rows on Beauty)."""
+    entry = {e["label"]: e for e in entries(suite)}[label]
+    ours = cell_config(suite, entry, seed)
+    trained = {k: v for k, v in ours.items() if k not in REPORT_ONLY}
+    for path in suite.get("reuse_cells_from") or []:
+        other = load_suite(path)
+        if other["dataset"] != suite["dataset"]:
+            continue
+        for candidate in entries(other):
+            theirs = cell_config(other, candidate, seed)
+            if (candidate["model"] == entry["model"] and reports_at_most(ours, theirs)
+                    and trained == {k: v for k, v in theirs.items() if k not in REPORT_ONLY}):
+                found = cell_file(os.path.join(results, other["name"]), candidate["label"], seed)
+                if os.path.isfile(found):
+                    return found
+    return None
+
+
+def reuse_cell(twin, label, config, output):
+    """Write ``twin`` (another suite's cell of the same run) as this suite's cell ``label``, with
+    only the metrics this suite's ``config`` reports, so that its rows compare like with like."""
+    with open(twin) as f:
+        cell = json.load(f)
+    def listed(key):
+        value = config.get(key)
+        return [] if value is None else value if isinstance(value, list) else [value]
+
+    metrics = {str(m).lower() for m in listed("metrics")}
+    topk = {int(k) for k in listed("topk")}
+
+    def reported(name):
+        metric, _, k = name.partition("@")
+        return (not metrics or metric in metrics) and (not k or not topk or int(k) in topk)
+
+    for key in ("test", "valid", "test_prestored"):
+        if key in cell:
+            cell[key] = {name: value for name, value in cell[key].items() if reported(name)}
+    cell["model"] = label
+    cell["same_run_as"] = os.path.relpath(twin, os.path.dirname(os.path.dirname(os.path.dirname(output))))
+    with open(output + ".partial", "w") as f:
+        json.dump(cell, f, indent=2)
+    os.replace(output + ".partial", output)
 
 
 def run_cell(model, dataset, config, label=None, resume_file=None):
@@ -344,7 +415,7 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
             + (f"{ran} cells ran {wall_seconds / 60:.1f} min in this invocation" if ran else
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
-            + load_note(finished) + ". Test-split metrics, mean ± std over seeds; "
+            + load_note(finished) + reuse_note(finished) + ". Test-split metrics, mean ± std over seeds; "
             "p: paired t-test against the stock backbone on the same seeds"
             + ("; the second table compares a variant with the entry it names, the same way" if any(r.get("versus") for r in rows) else "")
             + ".\n")
@@ -371,6 +442,13 @@ def change(row, metric, against):
         return ""
     p = row[f"{metric}{against}_p"]
     return f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f})")
+
+
+def reuse_note(cells):
+    """Which cells are another suite's runs (``reuse_cells_from``), so a reader knows whose they are."""
+    reused = sorted({os.path.dirname(os.path.dirname(c["same_run_as"])) for c in cells if c.get("same_run_as")})
+    count = sum(1 for c in cells if c.get("same_run_as"))
+    return f"; {count} cells are the same runs as {', '.join(reused)}'s (copied, see same_run_as)" if count else ""
 
 
 def load_note(cells):
@@ -402,11 +480,12 @@ def claim(folder, label, seed, kind):
     return file_lock(cell_file(folder, label, seed, "claims", f".{kind}.lock"), wait=False)
 
 
-def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
+def run_cells(suite, folder, todo, jobs=1, stores_only=False):
     """Run the unfinished (label, seed) cells, ``jobs`` processes at a time, each in its own
     process; -> (the cells that failed (their stderr is printed, the others go on), how many ran).
     ``stores_only``: each builds only its knowledge store, reported under ``<folder>/stores``.
-    A cell another runner holds, or finished since this one started, is skipped."""
+    A cell another runner holds, or finished since this one started, is skipped; one that is the
+    same run as a finished cell of a suite in ``reuse_cells_from`` is copied from it."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = dict(os.environ)
@@ -416,8 +495,13 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
     os.makedirs(os.path.join(folder, kind), exist_ok=True)
     pending = []
     for index, (label, seed) in enumerate(todo, 1):
+        twin = None if stores_only else twin_cell(suite, label, seed, os.path.dirname(folder))
         if os.path.isfile(cell_file(folder, label, seed)):
             print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
+        elif twin:
+            entry = {e["label"]: e for e in entries(suite)}[label]
+            reuse_cell(twin, label, cell_config(suite, entry, seed), cell_file(folder, label, seed))
+            print(f"[{index}/{len(todo)}] {label} seed {seed}: the same run as {twin}, copied", flush=True)
         else:
             pending.append((index, label, seed))
 
@@ -430,7 +514,7 @@ def run_cells(suite_path, folder, todo, jobs=1, stores_only=False):
                 return False, None
             print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
             begin = time.time()
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), suite_path,
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), suite["file"],
                                    f"--cell={label},{seed},{output}"] + (["--stores-only"] if stores_only else []),
                                   cwd=folder, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -499,7 +583,7 @@ def main():
     failed, ran = [], 0
     if not args.summary_only:
         run_setup(suite, folder)
-        failed, ran = run_cells(args.suite, folder, todo, args.jobs, args.stores_only)
+        failed, ran = run_cells(suite, folder, todo, args.jobs, args.stores_only)
     if args.stores_only:
         if failed:
             raise SystemExit(f"{len(failed)} stores failed: {', '.join(failed)}")

@@ -315,3 +315,53 @@ def test_device_kit_payload_is_compressed_and_comes_back_whole(tmp_path):
     assert (store / "user.texts.jsonl").read_text() == texts
     assert np.load(store / "user.vectors.npy").shape == (50, 8)
     assert (kit / "shared" / "data" / "ml-1m" / "movies.dat").read_text().count("\n") == 500
+
+
+def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp_path):
+    common = {"epochs": 3, "metrics": ["Hit", "NDCG"], "valid_metric": "NDCG@10"}
+    theirs = {"dataset": "d", "seeds": [1], "config": dict(common, topk=[10, 50]),
+              "models": ["SASRec", {"label": "SASRec-long", "model": "SASRec", "config": {"epochs": 9}}]}
+    ours = {"dataset": "d", "seeds": [1], "config": dict(common, topk=[10]), "reuse_cells_from": ["b.yaml"],
+            "models": ["SASRec", {"label": "long", "model": "SASRec", "config": {"epochs": 9}},
+                       {"label": "longer", "model": "SASRec", "config": {"epochs": 12}}]}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(theirs))
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(ours))
+    metrics = {"hit@10": 0.1, "hit@50": 0.3, "ndcg@10": 0.05, "ndcg@50": 0.09}
+    for label in ("SASRec", "SASRec-long"):
+        path = tmp_path / "results" / "b" / "cells" / f"{label}-1.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model": label, "seed": 1, "test": metrics, "valid": metrics, "epochs_run": 3}))
+    suite = run_suite.load_suite(str(tmp_path / "a.yaml"))
+    folder = str(tmp_path / "results" / "a")
+    assert run_suite.twin_cell(suite, "long", 1, str(tmp_path / "results")).endswith("SASRec-long-1.json")
+    assert run_suite.twin_cell(suite, "longer", 1, str(tmp_path / "results")) is None  # trained otherwise
+
+    failed, ran = run_suite.run_cells(suite, folder, [("SASRec", 1), ("long", 1)])
+    assert (failed, ran) == ([], 0)  # nothing trained
+    copied = json.load(open(os.path.join(folder, "cells", "SASRec-1.json")))
+    assert copied["model"] == "SASRec" and copied["same_run_as"] == os.path.join("b", "cells", "SASRec-1.json")
+    assert copied["test"] == {"hit@10": 0.1, "ndcg@10": 0.05}  # what this suite reports, no more
+    assert json.load(open(os.path.join(folder, "cells", "long-1.json")))["model"] == "long"
+    report = run_suite.write_reports(suite, run_suite.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
+    assert "1 cells are the same runs as b's" in report
+
+    for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}):  # RecBole's default topk, more topk, other data
+        (tmp_path / "b.yaml").write_text(yaml.safe_dump(dict(theirs, config={**theirs["config"], **change})
+                                                        if "dataset" not in change else dict(theirs, **change)))
+        assert run_suite.twin_cell(suite, "SASRec", 1, str(tmp_path / "results")) is None, change
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(dict(ours, reuse_cells_from=["c.yaml"])))
+    with pytest.raises(ValueError, match="a.yaml: reuse_cells_from.*c.yaml"):
+        run_suite.load_suite(str(tmp_path / "a.yaml"))
+
+
+def test_reland_beauty_takes_its_sasrec_and_item_text_rows_from_learn_beauty(tmp_path):
+    suites = os.path.join(ROOT, "benchmarks", "suites")
+    reland = run_suite.load_suite(os.path.join(suites, "reland_beauty.yaml"))
+    for label in ("SASRec", "SASRec+item-text"):
+        path = tmp_path / "learn_beauty" / "cells" / f"{label}-2020.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    assert run_suite.twin_cell(reland, "SASRec", 2020, str(tmp_path)).endswith("SASRec-2020.json")
+    assert run_suite.twin_cell(reland, "SASRec+f_item", 2020, str(tmp_path)).endswith("SASRec+item-text-2020.json")
+    assert run_suite.twin_cell(reland, "SASRec_ReLand", 2020, str(tmp_path)) is None  # the rationale is ReLand's own
+    assert run_suite.twin_cell(reland, "LightGCN", 2020, str(tmp_path)) is None
