@@ -16,6 +16,7 @@ import os
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from recbole_llmk.files import written_whole
 from recbole_llmk.knowledge.encoder import resolve_encoder_path
 
 
@@ -29,10 +30,9 @@ def write_random_encoder(width, out, layers=1, seed=0):
     model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, num_hidden_layers=layers,
                                  num_attention_heads=width // 64, intermediate_size=width,
                                  max_position_embeddings=512), add_pooling_layer=False)
-    tmp = out.rstrip("/") + ".partial"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with written_whole(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -168,9 +168,10 @@ def reuse_cell(twin, label, config, output):
             cell[key] = {name: value for name, value in cell[key].items() if reported(name)}
     cell["model"] = label
     cell["same_run_as"] = os.path.relpath(twin, os.path.dirname(os.path.dirname(os.path.dirname(output))))
-    with open(output + ".partial", "w") as f:
+    from recbole_llmk.files import written_whole
+
+    with written_whole(output) as tmp, open(tmp, "w") as f:
         json.dump(cell, f, indent=2)
-    os.replace(output + ".partial", output)
 
 
 def run_cell(model, dataset, config, label=None, resume_file=None):

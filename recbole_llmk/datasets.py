@@ -15,6 +15,8 @@ import gzip
 import os
 import re
 
+from recbole_llmk.files import written_whole
+
 
 def _read_dat(path):
     opener = gzip.open if path.endswith(".gz") else open
@@ -23,12 +25,10 @@ def _read_dat(path):
 
 
 def _write(path, header, rows):
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with written_whole(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\t".join(header) + "\n")
         for row in rows:
             f.write("\t".join(str(v) for v in row) + "\n")
-    os.replace(tmp, path)
 
 
 def _title_and_year(title):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from recbole_llmk.compat import SafeCheckpointMixin
+from recbole_llmk.files import written_whole
 
 
 def random_states(train_data):
@@ -97,9 +98,8 @@ class ResumableMixin:
             "epoch_seconds": list(self.epoch_seconds),
             "resumed_after": list(self.resumed_after),
         }
-        partial = self.resume_file + ".partial"
-        torch.save(state, partial)
-        os.replace(partial, self.resume_file)  # a kill mid-write leaves the previous state whole
+        with written_whole(self.resume_file) as tmp:  # a kill mid-write leaves the previous state whole
+            torch.save(state, tmp)
 
     def _resume(self, train_data):
         """Load the saved state; -> True if that run had already finished."""

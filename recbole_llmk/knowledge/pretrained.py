@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from recbole_llmk.files import written_whole
 from recbole_llmk.knowledge.history import LeakageError, split_fingerprint, training_dataset, training_interactions
 
 
@@ -105,8 +106,7 @@ def pretrained_vectors(config, frame, model, epochs, overrides=None):
         users, items = id_vectors(net)
         result = {"user": ([str(t) for t in dataset.field2id_token[dataset.uid_field][1:]], users[1:]),
                   "item": ([str(t) for t in dataset.field2id_token[dataset.iid_field][1:]], items[1:])}
-        tmp = path[:-4] + ".partial.npz"
-        np.savez(tmp, **{f"{side}_{part}": np.asarray(value) for side, (tokens, vectors) in result.items()
-                         for part, value in (("tokens", tokens), ("vectors", vectors))})
-        os.replace(tmp, path)
+        with written_whole(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
+            np.savez(f, **{f"{side}_{part}": np.asarray(value) for side, (tokens, vectors) in result.items()
+                           for part, value in (("tokens", tokens), ("vectors", vectors))})
         return result

@@ -16,9 +16,10 @@ token) are still read.
 import json
 import logging
 import os
-import shutil
 
 import numpy as np
+
+from recbole_llmk.files import written_whole
 
 
 class KnowledgeStoreError(ValueError):
@@ -38,25 +39,21 @@ class KnowledgeStore:
         store, ``{name: text}``, or ``{name: writer}`` where ``writer(path)`` saves a folder (e.g.
         a clusterer's ``save``). Written to a temp name, then renamed, so an interrupted build
         never leaves a store that looks complete."""
-        tmp = path.rstrip("/") + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)  # what a killed build left
-        os.makedirs(tmp)
-        for name, content in (files or {}).items():
-            if callable(content):
-                content(os.path.join(tmp, name))
-                continue
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(content)
-        for kind, (tokens, vectors, texts) in entries.items():
-            if len(tokens) != len(vectors) or len(tokens) != len(texts):
-                raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")
-            _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors, dtype=np.float32), texts)
-        meta = dict(meta, kinds=sorted(entries), dims={k: int(np.asarray(v[1]).shape[1]) for k, v in entries.items()})
-        with open(os.path.join(tmp, cls.META), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with written_whole(path) as tmp:
+            os.makedirs(tmp)
+            for name, content in (files or {}).items():
+                if callable(content):
+                    content(os.path.join(tmp, name))
+                    continue
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(content)
+            for kind, (tokens, vectors, texts) in entries.items():
+                if len(tokens) != len(vectors) or len(tokens) != len(texts):
+                    raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")
+                _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors, dtype=np.float32), texts)
+            meta = dict(meta, kinds=sorted(entries), dims={k: int(np.asarray(v[1]).shape[1]) for k, v in entries.items()})
+            with open(os.path.join(tmp, cls.META), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
         return cls(path, meta)
 
     @classmethod

@@ -49,6 +49,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from recbole_llmk.files import written_whole
+
 KINDS = ("item", "positive", "negative")
 KIND_DIRS = {"item": "item", "positive": os.path.join("user", "positive"), "negative": os.path.join("user", "negative")}
 PROMPT_HEAD = "Given a set of movies consisting of "
@@ -458,11 +460,9 @@ class ReleasedKnowledge:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # runs that start at once (benchmark cells, --jobs) write the same file while others replay
         # it: each writes its own copy and swaps it in whole, so no reader sees a half-written file
-        tmp = f"{path}.{os.getpid()}.partial"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with written_whole(path, per_process=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
         return len(records)
 
     def counts(self):
