@@ -150,8 +150,11 @@ def twin_cell(suite, label, seed, results):
 def reuse_cell(twin, label, config, output):
     """Write ``twin`` (another suite's cell of the same run) as this suite's cell ``label``, with
     only the metrics this suite's ``config`` reports, so that its rows compare like with like."""
+    from recbole_llmk.files import written_whole
+
     with open(twin) as f:
         cell = json.load(f)
+
     def listed(key):
         value = config.get(key)
         return [] if value is None else value if isinstance(value, list) else [value]
@@ -168,8 +171,6 @@ def reuse_cell(twin, label, config, output):
             cell[key] = {name: value for name, value in cell[key].items() if reported(name)}
     cell["model"] = label
     cell["same_run_as"] = os.path.relpath(twin, os.path.dirname(os.path.dirname(os.path.dirname(output))))
-    from recbole_llmk.files import written_whole
-
     with written_whole(output) as tmp, open(tmp, "w") as f:
         json.dump(cell, f, indent=2)
 
@@ -496,10 +497,9 @@ def run_cells(suite, folder, todo, jobs=1, stores_only=False):
     os.makedirs(os.path.join(folder, kind), exist_ok=True)
     pending = []
     for index, (label, seed) in enumerate(todo, 1):
-        twin = None if stores_only else twin_cell(suite, label, seed, os.path.dirname(folder))
         if os.path.isfile(cell_file(folder, label, seed)):
             print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
-        elif twin:
+        elif not stores_only and (twin := twin_cell(suite, label, seed, os.path.dirname(folder))):
             entry = {e["label"]: e for e in entries(suite)}[label]
             reuse_cell(twin, label, cell_config(suite, entry, seed), cell_file(folder, label, seed))
             print(f"[{index}/{len(todo)}] {label} seed {seed}: the same run as {twin}, copied", flush=True)
