@@ -177,7 +177,7 @@ def reuse_cell(twin, label, config, output):
 
 def run_cell(model, dataset, config, label=None, resume_file=None):
     """Train, evaluate and time one cell in this process; -> a JSON-able dict. With
-    ``resume_file``, training saves its state there after each evaluated epoch and a rerun of a
+    ``resume_file``, training saves its state there after each epoch and a rerun of a
     killed cell continues from it (to the same numbers; see recbole_llmk.trainer)."""
     import resource
 

@@ -3,7 +3,7 @@
 RecBole saves the best model only, without the random generators' states, so a killed run starts
 over (a DIN run on a CPU is hours) and ``resume_checkpoint`` would continue from the best epoch on
 other random draws. With ``resume_file`` set, the trainer writes its whole state after every
-evaluated epoch: weights, optimizer, early-stopping counters, the best result so far, and the
+epoch (after its evaluation, when it has one): weights, optimizer, early-stopping counters, the best result so far, and the
 states of torch's, numpy's and Python's generators and of the training loader's shuffle. A rerun
 with the same file continues after that epoch and ends with the weights and results an
 uninterrupted run would have had (same device and library versions).
@@ -46,27 +46,33 @@ def set_random_states(states, train_data):
 
 
 class ResumableMixin:
-    """Trainer mixin: with ``resume_file`` set, ``fit`` saves its state after each evaluated epoch
-    and continues from that file when it exists. ``resume_key`` names the run (e.g. its config);
+    """Trainer mixin: with ``resume_file`` set, ``fit`` saves its state after each epoch and
+    continues from that file when it exists (a fit without validation saves nothing). ``resume_key`` names the run (e.g. its config);
     a file written under another key is refused rather than continued. ``epoch_seconds`` holds
     the training time of every epoch, those of earlier processes included."""
 
     resume_file = None
     resume_key = ""
+    _validates = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.epoch_seconds = []
         self.resumed_after = []  # epochs after which an earlier process stopped
 
-    def _train_epoch(self, *args, **kwargs):
+    def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
         begin = time.time()
-        loss = super()._train_epoch(*args, **kwargs)
+        loss = super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
         self.epoch_seconds.append(time.time() - begin)
+        # an evaluated epoch is saved after its evaluation (fit's callback); the others here, or a
+        # kill would lose every epoch since the last evaluation (eval_step 10: 25 min of SASRec)
+        if self.resume_file and self._validates and (epoch_idx + 1) % self.eval_step:
+            self._save_state(epoch_idx, train_data)
         return loss
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        if not self.resume_file:
+        self._validates = bool(valid_data) and self.eval_step > 0  # as RecBole's fit decides
+        if not self.resume_file or not self._validates:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if os.path.isfile(self.resume_file) and self._resume(train_data):
             self.logger.info(f"{self.resume_file}: training had finished, nothing left to run")
@@ -107,7 +113,7 @@ class ResumableMixin:
         if state["key"] != self.resume_key:
             raise ValueError(f"{self.resume_file} holds the state of another run (its config differs from this "
                              f"one's); delete it to start this run over")
-        if not os.path.isfile(state["saved_model_file"]):
+        if state["best_valid_result"] and not os.path.isfile(state["saved_model_file"]):
             raise FileNotFoundError(f"{self.resume_file} continues a run whose best model "
                                     f"{state['saved_model_file']} is gone; delete {self.resume_file} to start over")
         self.model.load_state_dict(state["state_dict"])

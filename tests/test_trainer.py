@@ -86,3 +86,15 @@ def test_a_state_of_another_run_is_refused(config, workdir):
     trainer, train_data, valid_data, _ = make_trainer(config, resume_file, key="another config")
     with pytest.raises(ValueError, match="another run.*delete it"):
         trainer.fit(train_data, valid_data)
+
+
+@pytest.mark.parametrize("kill_at", [1, 3])
+def test_epochs_between_evaluations_are_saved_too(config, workdir, kill_at):
+    """eval_step 2: epochs 0 and 2 are not evaluated; a kill in epoch 1 (before any best model
+    exists) or 3 loses only that epoch."""
+    config = dict(config, eval_step=2)
+    _, weights, best, test = train(config)
+    resumed, resumed_weights, resumed_best, resumed_test = kill_then_resume(config, str(workdir / "run.resume"), kill_at)
+    assert resumed.resumed_after == [kill_at - 1] and len(resumed.epoch_seconds) == EPOCHS
+    assert same_weights(weights, resumed_weights)
+    assert resumed_best == best and resumed_test == test
