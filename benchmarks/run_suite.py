@@ -450,7 +450,7 @@ def reuse_note(cells):
     """Which cells are another suite's runs (``reuse_cells_from``), so a reader knows whose they are."""
     reused = sorted({os.path.dirname(os.path.dirname(c["same_run_as"])) for c in cells if c.get("same_run_as")})
     count = sum(1 for c in cells if c.get("same_run_as"))
-    return f"; {count} cells are the same runs as {', '.join(reused)}'s (copied, see same_run_as)" if count else ""
+    return f"; copied from {', '.join(reused)}'s runs of the same settings: {count} cells (see same_run_as)" if count else ""
 
 
 def load_note(cells):

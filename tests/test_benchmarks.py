@@ -343,7 +343,7 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     assert copied["test"] == {"hit@10": 0.1, "ndcg@10": 0.05}  # what this suite reports, no more
     assert json.load(open(os.path.join(folder, "cells", "long-1.json")))["model"] == "long"
     report = run_suite.write_reports(suite, run_suite.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
-    assert "1 cells are the same runs as b's" in report
+    assert "copied from b's runs of the same settings: 1 cells" in report
 
     for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}):  # RecBole's default topk, more topk, other data
         (tmp_path / "b.yaml").write_text(yaml.safe_dump(dict(theirs, config={**theirs["config"], **change})
