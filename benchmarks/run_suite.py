@@ -114,24 +114,26 @@ def cell_config(suite, entry, seed):
 REPORT_ONLY = ("metrics", "topk")
 
 
+def listed(config, key):
+    """A setting RecBole takes as one value or a list (``topk: 10``), as a lower-case set; None
+    when unset."""
+    value = config.get(key)
+    return None if value is None else {str(v).lower() for v in (value if isinstance(value, list) else [value])}
+
+
 def reports_at_most(ours, theirs):
     """Whether a run under ``theirs`` reported every metric a run under ``ours`` would (a key
     only one of them sets falls to RecBole's default in the other: unknown here, so no)."""
-    def names(value):
-        return {str(v).lower() for v in (value if isinstance(value, list) else [value])}
-
-    return all(ours.get(k) == theirs.get(k) or None not in (ours.get(k), theirs.get(k))
-               and names(ours[k]) <= names(theirs[k]) for k in REPORT_ONLY)
+    return all(ours.get(k) == theirs.get(k) or None not in (listed(ours, k), listed(theirs, k))
+               and listed(ours, k) <= listed(theirs, k) for k in REPORT_ONLY)
 
 
-def twin_cell(suite, label, seed, results):
+def twin_cell(suite, model, ours, seed, results):
     """The finished cell of a suite in ``suite['reuse_cells_from']`` (its results beside this
-    suite's, under ``results``) that is the same run as this suite's (label, seed): the same model,
-    dataset, seed and settings, save that it may have reported more metrics; -> its path or None.
-    Running it again would spend hours to repeat a deterministic run (two suites share their
-    SASRec rows on Beauty)."""
-    entry = {e["label"]: e for e in entries(suite)}[label]
-    ours = cell_config(suite, entry, seed)
+    suite's, under ``results``) that is the same run as this suite's cell of ``model`` under the
+    cell config ``ours``: the same model, dataset, seed and settings, save that it may have
+    reported more metrics; -> its path or None. Running it again would spend hours to repeat a
+    deterministic run (two suites share their SASRec rows on Beauty)."""
     trained = {k: v for k, v in ours.items() if k not in REPORT_ONLY}
     for path in suite.get("reuse_cells_from") or []:
         other = load_suite(path)
@@ -139,7 +141,7 @@ def twin_cell(suite, label, seed, results):
             continue
         for candidate in entries(other):
             theirs = cell_config(other, candidate, seed)
-            if (candidate["model"] == entry["model"] and reports_at_most(ours, theirs)
+            if (candidate["model"] == model and reports_at_most(ours, theirs)
                     and trained == {k: v for k, v in theirs.items() if k not in REPORT_ONLY}):
                 found = cell_file(os.path.join(results, other["name"]), candidate["label"], seed)
                 if os.path.isfile(found):
@@ -154,13 +156,8 @@ def reuse_cell(twin, label, config, output):
 
     with open(twin) as f:
         cell = json.load(f)
-
-    def listed(key):
-        value = config.get(key)
-        return [] if value is None else value if isinstance(value, list) else [value]
-
-    metrics = {str(m).lower() for m in listed("metrics")}
-    topk = {int(k) for k in listed("topk")}
+    metrics = listed(config, "metrics") or set()
+    topk = {int(k) for k in listed(config, "topk") or ()}
 
     def reported(name):
         metric, _, k = name.partition("@")
@@ -496,12 +493,15 @@ def run_cells(suite, folder, todo, jobs=1, stores_only=False):
     kind = "stores" if stores_only else "cells"
     os.makedirs(os.path.join(folder, kind), exist_ok=True)
     pending = []
+    by_label = {e["label"]: e for e in entries(suite)}
     for index, (label, seed) in enumerate(todo, 1):
         if os.path.isfile(cell_file(folder, label, seed)):
             print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
-        elif not stores_only and (twin := twin_cell(suite, label, seed, os.path.dirname(folder))):
-            entry = {e["label"]: e for e in entries(suite)}[label]
-            reuse_cell(twin, label, cell_config(suite, entry, seed), cell_file(folder, label, seed))
+            continue
+        config = cell_config(suite, by_label[label], seed)
+        twin = None if stores_only else twin_cell(suite, by_label[label]["model"], config, seed, os.path.dirname(folder))
+        if twin:
+            reuse_cell(twin, label, config, cell_file(folder, label, seed))
             print(f"[{index}/{len(todo)}] {label} seed {seed}: the same run as {twin}, copied", flush=True)
         else:
             pending.append((index, label, seed))

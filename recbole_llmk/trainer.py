@@ -3,10 +3,10 @@
 RecBole saves the best model only, without the random generators' states, so a killed run starts
 over (a DIN run on a CPU is hours) and ``resume_checkpoint`` would continue from the best epoch on
 other random draws. With ``resume_file`` set, the trainer writes its whole state after every
-epoch (after its evaluation, when it has one): weights, optimizer, early-stopping counters, the best result so far, and the
-states of torch's, numpy's and Python's generators and of the training loader's shuffle. A rerun
-with the same file continues after that epoch and ends with the weights and results an
-uninterrupted run would have had (same device and library versions).
+epoch (after its evaluation, when it has one): weights, optimizer, early-stopping counters, the
+best result so far, and the states of torch's, numpy's and Python's generators and of the
+training loader's shuffle. A rerun with the same file continues after that epoch and ends with
+the weights and results an uninterrupted run would have had (same device and library versions).
 """
 
 import os
@@ -47,9 +47,10 @@ def set_random_states(states, train_data):
 
 class ResumableMixin:
     """Trainer mixin: with ``resume_file`` set, ``fit`` saves its state after each epoch and
-    continues from that file when it exists (a fit without validation saves nothing). ``resume_key`` names the run (e.g. its config);
-    a file written under another key is refused rather than continued. ``epoch_seconds`` holds
-    the training time of every epoch, those of earlier processes included."""
+    continues from that file when it exists (a fit without validation saves nothing).
+    ``resume_key`` names the run (e.g. its config); a file written under another key is refused
+    rather than continued. ``epoch_seconds`` holds the training time of every epoch, those of
+    earlier processes included."""
 
     resume_file = None
     resume_key = ""

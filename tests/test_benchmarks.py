@@ -333,8 +333,14 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
         path.write_text(json.dumps({"model": label, "seed": 1, "test": metrics, "valid": metrics, "epochs_run": 3}))
     suite = run_suite.load_suite(str(tmp_path / "a.yaml"))
     folder = str(tmp_path / "results" / "a")
-    assert run_suite.twin_cell(suite, "long", 1, str(tmp_path / "results")).endswith("SASRec-long-1.json")
-    assert run_suite.twin_cell(suite, "longer", 1, str(tmp_path / "results")) is None  # trained otherwise
+
+    def twin(label):
+        return run_suite.twin_cell(suite, "SASRec", run_suite.cell_config(suite, by_label[label], 1), 1,
+                                   str(tmp_path / "results"))
+
+    by_label = {e["label"]: e for e in suite["entries"]}
+    assert twin("long").endswith("SASRec-long-1.json")
+    assert twin("longer") is None  # trained otherwise
 
     failed, ran = run_suite.run_cells(suite, folder, [("SASRec", 1), ("long", 1)])
     assert (failed, ran) == ([], 0)  # nothing trained
@@ -348,7 +354,7 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}):  # RecBole's default topk, more topk, other data
         (tmp_path / "b.yaml").write_text(yaml.safe_dump(dict(theirs, config={**theirs["config"], **change})
                                                         if "dataset" not in change else dict(theirs, **change)))
-        assert run_suite.twin_cell(suite, "SASRec", 1, str(tmp_path / "results")) is None, change
+        assert twin("SASRec") is None, change
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(dict(ours, reuse_cells_from=["c.yaml"])))
     with pytest.raises(ValueError, match="a.yaml: reuse_cells_from.*c.yaml"):
         run_suite.load_suite(str(tmp_path / "a.yaml"))
@@ -357,11 +363,16 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
 def test_reland_beauty_takes_its_sasrec_and_item_text_rows_from_learn_beauty(tmp_path):
     suites = os.path.join(ROOT, "benchmarks", "suites")
     reland = run_suite.load_suite(os.path.join(suites, "reland_beauty.yaml"))
+    by_label = {e["label"]: e for e in reland["entries"]}
+
+    def twin(label):
+        entry = by_label[label]
+        return run_suite.twin_cell(reland, entry["model"], run_suite.cell_config(reland, entry, 2020), 2020, str(tmp_path))
     for label in ("SASRec", "SASRec+item-text"):
         path = tmp_path / "learn_beauty" / "cells" / f"{label}-2020.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
-    assert run_suite.twin_cell(reland, "SASRec", 2020, str(tmp_path)).endswith("SASRec-2020.json")
-    assert run_suite.twin_cell(reland, "SASRec+f_item", 2020, str(tmp_path)).endswith("SASRec+item-text-2020.json")
-    assert run_suite.twin_cell(reland, "SASRec_ReLand", 2020, str(tmp_path)) is None  # the rationale is ReLand's own
-    assert run_suite.twin_cell(reland, "LightGCN", 2020, str(tmp_path)) is None
+    assert twin("SASRec").endswith("SASRec-2020.json")
+    assert twin("SASRec+f_item").endswith("SASRec+item-text-2020.json")
+    assert twin("SASRec_ReLand") is None  # the rationale is ReLand's own
+    assert twin("LightGCN") is None
