@@ -411,7 +411,7 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
         machine += f", {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     note = (f"\nSuite `{suite['name']}` on {suite['dataset']}, produced by `python benchmarks/run_suite.py "
             f"{suite.get('path', '')}` on {time.strftime('%Y-%m-%d')} ({machine}); "
-            + (f"{ran} cells ran {wall_seconds / 60:.1f} min in this invocation" if ran else
+            + (f"{n_cells(ran)} ran {wall_seconds / 60:.1f} min in this invocation" if ran else
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
             + load_note(finished) + reuse_note(finished) + ". Test-split metrics, mean ± std over seeds; "
@@ -443,11 +443,16 @@ def change(row, metric, against):
     return f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f})")
 
 
+def n_cells(n):
+    """"1 cell", "2 cells": the notes count cells."""
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
 def reuse_note(cells):
     """Which cells are another suite's runs (``reuse_cells_from``), so a reader knows whose they are."""
     reused = sorted({os.path.dirname(os.path.dirname(c["same_run_as"])) for c in cells if c.get("same_run_as")})
     count = sum(1 for c in cells if c.get("same_run_as"))
-    return f"; copied from {', '.join(reused)}'s runs of the same settings: {count} cells (see same_run_as)" if count else ""
+    return f"; copied from {', '.join(reused)}'s runs of the same settings: {n_cells(count)} (see same_run_as)" if count else ""
 
 
 def load_note(cells):
@@ -588,7 +593,7 @@ def main():
     if args.stores_only:
         if failed:
             raise SystemExit(f"{len(failed)} stores failed: {', '.join(failed)}")
-        print(f"{ran} cells' knowledge stores built or found in {(time.time() - start) / 60:.1f} min; no cell trained")
+        print(f"{n_cells(ran)}' knowledge stores built or found in {(time.time() - start) / 60:.1f} min; no cell trained")
         return
     cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     if not cells:

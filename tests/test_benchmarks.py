@@ -84,7 +84,7 @@ def test_a_cell_claimed_by_another_runner_is_left_to_it(tiny_config, workdir):
     assert other.returncode == 0, other.stderr[-3000:]
     assert "DeepFM seed 1: another runner has it, skipped" in other.stdout
     assert sorted(os.listdir(folder / "cells")) == ["DeepFM-2.json"]
-    assert "1 cells ran" in (folder / "summary.md").read_text()
+    assert "1 cell ran" in (folder / "summary.md").read_text()
     with run_suite.claim(str(folder), "DeepFM", 1, "cells") as free:
         assert free  # the runner's claims ended with it
 
@@ -349,7 +349,7 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     assert copied["test"] == {"hit@10": 0.1, "ndcg@10": 0.05}  # what this suite reports, no more
     assert json.load(open(os.path.join(folder, "cells", "long-1.json")))["model"] == "long"
     report = run_suite.write_reports(suite, run_suite.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
-    assert "copied from b's runs of the same settings: 1 cells" in report
+    assert "copied from b's runs of the same settings: 1 cell (see same_run_as)" in report
 
     for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}):  # RecBole's default topk, more topk, other data
         (tmp_path / "b.yaml").write_text(yaml.safe_dump(dict(theirs, config={**theirs["config"], **change})
