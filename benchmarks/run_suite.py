@@ -5,7 +5,8 @@
 
 A suite yaml names a dataset, models, seeds and config overrides (see ``benchmarks/suites``).
 Each (model, seed) cell runs in its own process (clean peak memory, clean logging) and is saved
-as JSON under ``<results>/<suite>/cells``; a rerun skips finished cells. The summary (CSV +
+as JSON under ``<results>/<suite>/cells`` with the settings it ran under; a rerun skips finished
+cells, save those whose run the suite has changed since (set aside in ``stale``, run again). The summary (CSV +
 markdown, with mean ± std over seeds and a paired t-test of each variant against its stock
 backbone on matched seeds) is rebuilt from all finished cells. ``--stores-only`` builds the
 knowledge stores the unfinished cells need and trains nothing: build them where the encoder and
@@ -100,18 +101,28 @@ def selected_cells(suite, only=None, seeds=None):
     return cells_of(suite, labels, [int(s) for s in seeds.split(",")] if seeds else None)
 
 
+def cell_settings(suite, entry, seed):
+    """A cell's settings as the suite writes them (paths still "{repo}/..."): a finished cell
+    records them, so it can be checked against the suite as it is now, on any machine."""
+    settings = dict(suite["config"])
+    settings.update(suite["model_config"].get(stock_of(entry["model"]) or entry["model"], {}))
+    settings.update(suite["model_config"].get(entry["model"], {}))
+    settings.update(entry["config"])
+    settings.update({"seed": seed, "show_progress": False})
+    return settings
+
+
 def cell_config(suite, entry, seed):
-    config = dict(suite["config"])
-    config.update(suite["model_config"].get(stock_of(entry["model"]) or entry["model"], {}))
-    config.update(suite["model_config"].get(entry["model"], {}))
-    config.update(entry["config"])
-    config.update({"seed": seed, "show_progress": False})
-    # paths in a suite may start at the repository: "{repo}/../shared/data/..."
-    return {k: v.format(repo=ROOT) if isinstance(v, str) and "{repo}" in v else v for k, v in config.items()}
+    """The config dict a cell runs with: its settings, with paths that start at the repository
+    ("{repo}/../shared/data/...") made absolute."""
+    return {k: v.format(repo=ROOT) if isinstance(v, str) and "{repo}" in v else v
+            for k, v in cell_settings(suite, entry, seed).items()}
 
 
 # settings that change which numbers a run reports, not the run itself
 REPORT_ONLY = ("metrics", "topk")
+# settings that say where a run keeps its files (stores are found by content), not what it computes
+WHERE_ONLY = ("checkpoint_dir", "knowledge_dir")
 
 
 def listed(config, key):
@@ -128,30 +139,69 @@ def reports_at_most(ours, theirs):
                and listed(ours, k) <= listed(theirs, k) for k in REPORT_ONLY)
 
 
+def is_stock(model):
+    """Whether ``model`` is a RecBole model without knowledge (no technique builds any for it)."""
+    from recbole_llmk.utils import get_model
+
+    return not hasattr(get_model(model), "prepare_knowledge")
+
+
+def technique_keys():
+    """The settings the knowledge techniques read: those their property files declare."""
+    folder = os.path.join(ROOT, "recbole_llmk", "properties", "technique")
+    keys = set()
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            keys |= set(yaml.safe_load(f) or {})
+    return keys
+
+
+def run_differences(model, ours, theirs):
+    """The settings in which a run of ``model`` under ``theirs`` (a finished cell's recorded
+    settings; None: it recorded none) is another run than one under ``ours``: where files go does
+    not count, nor what a stock model never reads (the techniques' settings), nor the metrics
+    reported as long as ``theirs`` reported all of ours; -> sorted keys, empty for the same run."""
+    if theirs is None:
+        return ["(settings not recorded)"]
+    ignored = set(REPORT_ONLY) | set(WHERE_ONLY) | (technique_keys() if is_stock(model) else set())
+    keys = {k for k in set(ours) | set(theirs) if k not in ignored and ours.get(k) != theirs.get(k)}
+    if not reports_at_most(ours, theirs):
+        keys |= {k for k in REPORT_ONLY if ours.get(k) != theirs.get(k)}
+    return sorted(keys)
+
+
+def stale_keys(suite, cell):
+    """How a finished cell's run differs from what the suite asks of it now (see
+    ``run_differences``); empty when it is current or its entry is gone (the summary skips it)."""
+    entry = {e["label"]: e for e in entries(suite)}.get(cell["model"])
+    if entry is None:
+        return []
+    return run_differences(entry["model"], cell_settings(suite, entry, cell["seed"]), cell.get("settings"))
+
+
 def twin_cell(suite, model, ours, seed, results):
     """The finished cell of a suite in ``suite['reuse_cells_from']`` (its results beside this
-    suite's, under ``results``) that is the same run as this suite's cell of ``model`` under the
-    cell config ``ours``: the same model, dataset, seed and settings, save that it may have
-    reported more metrics; -> its path or None. Running it again would spend hours to repeat a
-    deterministic run (two suites share their SASRec rows on Beauty)."""
-    trained = {k: v for k, v in ours.items() if k not in REPORT_ONLY}
+    suite's, under ``results``) that is the same run as this suite's cell of ``model`` with the
+    settings ``ours``: the same model, dataset and seed, and recorded settings that differ in
+    nothing ``run_differences`` counts; -> its path or None. Running it again would spend hours
+    to repeat a deterministic run (two suites share their SASRec rows on Beauty)."""
     for path in suite.get("reuse_cells_from") or []:
         other = load_suite(path)
-        if other["dataset"] != suite["dataset"]:
-            continue
         for candidate in entries(other):
-            theirs = cell_config(other, candidate, seed)
-            if (candidate["model"] == model and reports_at_most(ours, theirs)
-                    and trained == {k: v for k, v in theirs.items() if k not in REPORT_ONLY}):
-                found = cell_file(os.path.join(results, other["name"]), candidate["label"], seed)
-                if os.path.isfile(found):
-                    return found
+            found = cell_file(os.path.join(results, other["name"]), candidate["label"], seed)
+            if candidate["model"] != model or not os.path.isfile(found):
+                continue
+            with open(found) as f:
+                cell = json.load(f)
+            if cell.get("dataset") == suite["dataset"] and not run_differences(model, ours, cell.get("settings")):
+                return found
     return None
 
 
 def reuse_cell(twin, label, config, output):
     """Write ``twin`` (another suite's cell of the same run) as this suite's cell ``label``, with
-    only the metrics this suite's ``config`` reports, so that its rows compare like with like."""
+    only the metrics this suite's ``config`` reports, so that its rows compare like with like.
+    It keeps the twin's settings: they are what ran."""
     from recbole_llmk.files import written_whole
 
     with open(twin) as f:
@@ -226,9 +276,8 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
 def build_cell_store(model, dataset, config):
     """The knowledge store one cell needs, built or found, with nothing trained; -> a JSON-able dict."""
     from recbole_llmk.quick_start import build_knowledge, prepare
-    from recbole_llmk.utils import get_model
 
-    if not hasattr(get_model(model), "prepare_knowledge"):  # a stock model: no dataset to load for nothing
+    if is_stock(model):  # no dataset to load for nothing
         return {"model": model, "seed": config["seed"], "store": None, "seconds": 0.0}
     config, _, train_data, _, _ = prepare(model, dataset, config_dict=config)
     start = time.time()
@@ -377,7 +426,7 @@ def plot_cost(rows, metric, path):
     return path
 
 
-def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
+def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=None):
     import csv
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
@@ -414,7 +463,7 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished):
             + (f"{n_cells(ran)} ran {wall_seconds / 60:.1f} min in this invocation" if ran else
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
-            + load_note(finished) + reuse_note(finished) + ". Test-split metrics, mean ± std over seeds; "
+            + load_note(finished) + reuse_note(finished) + stale_note(stale) + ". Test-split metrics, mean ± std over seeds; "
             "p: paired t-test against the stock backbone on the same seeds"
             + ("; the second table compares a variant with the entry it names, the same way" if any(r.get("versus") for r in rows) else "")
             + ".\n")
@@ -455,6 +504,14 @@ def reuse_note(cells):
     return f"; copied from {', '.join(reused)}'s runs of the same settings: {n_cells(count)} (see same_run_as)" if count else ""
 
 
+def stale_note(stale):
+    """The finished cells left out because the suite asks another run of them now."""
+    if not stale:
+        return ""
+    return (f"; left out: {n_cells(len(stale))} run under settings the suite has changed since ("
+            + ", ".join(f"{cell}: {', '.join(keys)}" for cell, keys in sorted(stale.items())) + "; rerun them)")
+
+
 def load_note(cells):
     """The 1-minute load average at the end of the cells that recorded it, against the cores."""
     loads = [c["load_average_1min"] for c in cells if c.get("load_average_1min") is not None]
@@ -462,6 +519,15 @@ def load_note(cells):
         return ""
     return (f"; load average at the end of {len(loads)} of {len(cells)} cells: {min(loads):.1f}-{max(loads):.1f} "
             f"on {os.cpu_count()} cores (above the cores: the cells shared the CPU with other work)")
+
+
+def set_aside(folder, path):
+    """Move a cell that no longer matches its suite to ``<folder>/stale`` (its numbers are kept,
+    out of the summary); -> where it went."""
+    target = os.path.join(folder, "stale", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.path.basename(path)}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(path, target)
+    return os.path.relpath(target, folder)
 
 
 def cell_file(folder, label, seed, kind="cells", suffix=".json"):
@@ -500,13 +566,19 @@ def run_cells(suite, folder, todo, jobs=1, stores_only=False):
     pending = []
     by_label = {e["label"]: e for e in entries(suite)}
     for index, (label, seed) in enumerate(todo, 1):
-        if os.path.isfile(cell_file(folder, label, seed)):
-            print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
-            continue
-        config = cell_config(suite, by_label[label], seed)
-        twin = None if stores_only else twin_cell(suite, by_label[label]["model"], config, seed, os.path.dirname(folder))
+        done = cell_file(folder, label, seed)
+        if os.path.isfile(done):
+            with open(done) as f:
+                changed = stale_keys(suite, json.load(f))
+            if not changed:
+                print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
+                continue
+            print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier under other settings "
+                  f"({', '.join(changed)}), set aside as {set_aside(folder, done)}", flush=True)
+        settings = cell_settings(suite, by_label[label], seed)
+        twin = None if stores_only else twin_cell(suite, by_label[label]["model"], settings, seed, os.path.dirname(folder))
         if twin:
-            reuse_cell(twin, label, config, cell_file(folder, label, seed))
+            reuse_cell(twin, label, settings, done)
             print(f"[{index}/{len(todo)}] {label} seed {seed}: the same run as {twin}, copied", flush=True)
         else:
             pending.append((index, label, seed))
@@ -579,7 +651,10 @@ def main():
         else:
             folder = os.path.dirname(os.path.dirname(os.path.abspath(output)))
             cell = run_cell(entry["model"], suite["dataset"], config, label, resume_file_of(folder, label, seed))
-        with open(output, "w") as f:
+            cell["settings"] = cell_settings(suite, entry, int(seed))
+        from recbole_llmk.files import written_whole
+
+        with written_whole(output) as tmp, open(tmp, "w") as f:
             json.dump(cell, f, indent=2)
         return
     folder = os.path.join(args.results, suite["name"])
@@ -595,11 +670,13 @@ def main():
             raise SystemExit(f"{len(failed)} stores failed: {', '.join(failed)}")
         print(f"{n_cells(ran)}' knowledge stores built or found in {(time.time() - start) / 60:.1f} min; no cell trained")
         return
-    cells = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
+    finished = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
+    stale = {f"{c['model']}-{c['seed']}": keys for c in finished for keys in [stale_keys(suite, c)] if keys}
+    cells = [c for c in finished if f"{c['model']}-{c['seed']}" not in stale]
     if not cells:
-        raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed")
+        raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed, {len(stale)} ran under other settings")
     rows = summarize(suite, cells)
-    print(write_reports(suite, rows, folder, time.time() - start, args.jobs, ran, cells))
+    print(write_reports(suite, rows, folder, time.time() - start, args.jobs, ran, cells, stale))
     metric = suite.get("plot_metric") or sorted(cells[0]["test"])[0]
     print(f"plot: {plot_uplift(cells, suite, metric, os.path.join(folder, 'uplift.png'))}")
     cost = plot_cost(rows, metric, os.path.join(folder, "cost.png"))

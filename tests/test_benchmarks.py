@@ -89,6 +89,40 @@ def test_a_cell_claimed_by_another_runner_is_left_to_it(tiny_config, workdir):
         assert free  # the runner's claims ended with it
 
 
+def test_a_cell_whose_settings_the_suite_changed_is_set_aside_and_run_again(tiny_config, workdir):
+    """A suite edited after a cell ran must not keep reporting the old run as if it were the new."""
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    path = workdir / "suite.yaml"
+    folder = workdir / "results" / "suite"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
+
+    def run(*extra, **changes):
+        path.write_text(yaml.safe_dump({"dataset": "tiny", "models": ["DeepFM"], "seeds": [1], "config": {**config, **changes}}))
+        return subprocess.run(command + list(extra), capture_output=True, text=True, timeout=600)
+
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    cell = json.loads((folder / "cells" / "DeepFM-1.json").read_text())
+    assert cell["settings"] == {**config, "seed": 1, "show_progress": False}
+    # where files go, and what only a technique reads, leave a stock model's run as it was
+    same = run(checkpoint_dir=str(workdir / "elsewhere"), reki_release_path="x", reland_seed_ratio=0.5)
+    assert "done earlier, skipped" in same.stdout, same.stdout
+    assert run_suite.run_differences("DeepFM_REKI", cell["settings"], {**cell["settings"], "reki_release_path": "x"}) == ["reki_release_path"]
+
+    summary = run("--summary-only", learning_rate=0.01)
+    assert summary.returncode != 0 and "no finished cells" in summary.stderr and "1 ran under other settings" in summary.stderr
+    again = run(learning_rate=0.01)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done earlier under other settings (learning_rate), set aside as stale/" in again.stdout
+    (old,) = os.listdir(folder / "stale")
+    assert json.loads((folder / "stale" / old).read_text()) == cell  # kept, out of the summary
+    assert json.loads((folder / "cells" / "DeepFM-1.json").read_text())["settings"]["learning_rate"] == 0.01
+
+    stale = {"DeepFM-1": run_suite.run_differences("DeepFM", {**cell["settings"], "epochs": 2}, cell["settings"])}
+    report = run_suite.write_reports(run_suite.load_suite(str(path)), [], str(folder), 1.0, 1, 0, [], stale)
+    assert "left out: 1 cell run under settings the suite has changed since (DeepFM-1: epochs; rerun them)" in report
+
+
 def test_a_killed_cell_resumes_to_the_result_of_an_unbroken_one(tiny_config, workdir):
     import signal
     import time
@@ -272,7 +306,8 @@ def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
     path.write_text(yaml.safe_dump(suite))
 
     def cell(model, seed, auc):
-        return {"model": model, "seed": seed, "test": {"auc": auc}, "epochs_run": 3}
+        return {"model": model, "seed": seed, "test": {"auc": auc}, "epochs_run": 3,
+                "settings": {"seed": seed, "show_progress": False}}
 
     cells = workdir / "results" / "suite" / "cells"
     cells.mkdir(parents=True)
@@ -327,15 +362,23 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(theirs))
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(ours))
     metrics = {"hit@10": 0.1, "hit@50": 0.3, "ndcg@10": 0.05, "ndcg@50": 0.09}
-    for label in ("SASRec", "SASRec-long"):
-        path = tmp_path / "results" / "b" / "cells" / f"{label}-1.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"model": label, "seed": 1, "test": metrics, "valid": metrics, "epochs_run": 3}))
+
+    def finish(recorded=True):  # what a runner of b leaves: its cells, with the settings they ran under
+        b = run_suite.load_suite(str(tmp_path / "b.yaml"))
+        for entry in b["entries"]:
+            path = tmp_path / "results" / "b" / "cells" / f"{entry['label']}-1.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cell = {"model": entry["label"], "dataset": b["dataset"], "seed": 1, "test": metrics, "valid": metrics}
+            if recorded:
+                cell["settings"] = run_suite.cell_settings(b, entry, 1)
+            path.write_text(json.dumps(cell))
+
+    finish()
     suite = run_suite.load_suite(str(tmp_path / "a.yaml"))
     folder = str(tmp_path / "results" / "a")
 
     def twin(label):
-        return run_suite.twin_cell(suite, "SASRec", run_suite.cell_config(suite, by_label[label], 1), 1,
+        return run_suite.twin_cell(suite, "SASRec", run_suite.cell_settings(suite, by_label[label], 1), 1,
                                    str(tmp_path / "results"))
 
     by_label = {e["label"]: e for e in suite["entries"]}
@@ -351,10 +394,20 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     report = run_suite.write_reports(suite, run_suite.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
     assert "copied from b's runs of the same settings: 1 cell (see same_run_as)" in report
 
-    for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}):  # RecBole's default topk, more topk, other data
+    assert copied["settings"]["topk"] == [10, 50]  # what ran
+    assert run_suite.stale_keys(suite, copied) == []  # and it stands for this suite's cell
+
+    # RecBole's default topk, other topk, other data, settings not recorded: another run (or unknown)
+    for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}, {}):
         (tmp_path / "b.yaml").write_text(yaml.safe_dump(dict(theirs, config={**theirs["config"], **change})
-                                                        if "dataset" not in change else dict(theirs, **change)))
-        assert twin("SASRec") is None, change
+                                                        if "topk" in change else dict(theirs, **change)))
+        finish(recorded=bool(change))
+        assert twin("SASRec") is None, change or "settings not recorded"
+    # b's file changed after its cells ran: what counts is what they ran under
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(theirs))
+    finish()
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(dict(theirs, config={**theirs["config"], "epochs": 7})))
+    assert twin("SASRec").endswith("SASRec-1.json")
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(dict(ours, reuse_cells_from=["c.yaml"])))
     with pytest.raises(ValueError, match="a.yaml: reuse_cells_from.*c.yaml"):
         run_suite.load_suite(str(tmp_path / "a.yaml"))
@@ -367,11 +420,12 @@ def test_reland_beauty_takes_its_sasrec_and_item_text_rows_from_learn_beauty(tmp
 
     def twin(label):
         entry = by_label[label]
-        return run_suite.twin_cell(reland, entry["model"], run_suite.cell_config(reland, entry, 2020), 2020, str(tmp_path))
-    for label in ("SASRec", "SASRec+item-text"):
-        path = tmp_path / "learn_beauty" / "cells" / f"{label}-2020.json"
+        return run_suite.twin_cell(reland, entry["model"], run_suite.cell_settings(reland, entry, 2020), 2020, str(tmp_path))
+    learn = run_suite.load_suite(os.path.join(suites, "learn_beauty.yaml"))
+    for entry in learn["entries"]:
+        path = tmp_path / "learn_beauty" / "cells" / f"{entry['label']}-2020.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}")
+        path.write_text(json.dumps({"dataset": learn["dataset"], "settings": run_suite.cell_settings(learn, entry, 2020)}))
     assert twin("SASRec").endswith("SASRec-2020.json")
     assert twin("SASRec+f_item").endswith("SASRec+item-text-2020.json")
     assert twin("SASRec_ReLand") is None  # the rationale is ReLand's own
