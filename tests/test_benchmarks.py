@@ -413,20 +413,24 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
         run_suite.load_suite(str(tmp_path / "a.yaml"))
 
 
-def test_reland_beauty_takes_its_sasrec_and_item_text_rows_from_learn_beauty(tmp_path):
+@pytest.mark.parametrize("ours, theirs, seed, copied", [
+    # reland_beauty's SASRec and SASRec+f_item rows are learn_beauty's; the rationale is ReLand's own
+    ("reland_beauty", "learn_beauty", 2020, {"SASRec": "SASRec", "SASRec+f_item": "SASRec+item-text"}),
+    # learn_ml100k's stock DIN is reki_released_ml100k's (their settings differ only in where the
+    # checkpoints go and in a release path DIN never reads); its DeepFM splits otherwise
+    ("learn_ml100k", "reki_released_ml100k", 2021, {"DIN": "DIN"}),
+])
+def test_real_suites_share_exactly_the_cells_that_are_the_same_run(tmp_path, ours, theirs, seed, copied):
     suites = os.path.join(ROOT, "benchmarks", "suites")
-    reland = run_suite.load_suite(os.path.join(suites, "reland_beauty.yaml"))
-    by_label = {e["label"]: e for e in reland["entries"]}
-
-    def twin(label):
-        entry = by_label[label]
-        return run_suite.twin_cell(reland, entry["model"], run_suite.cell_settings(reland, entry, 2020), 2020, str(tmp_path))
-    learn = run_suite.load_suite(os.path.join(suites, "learn_beauty.yaml"))
-    for entry in learn["entries"]:
-        path = tmp_path / "learn_beauty" / "cells" / f"{entry['label']}-2020.json"
+    suite = run_suite.load_suite(os.path.join(suites, f"{ours}.yaml"))
+    other = run_suite.load_suite(os.path.join(suites, f"{theirs}.yaml"))
+    for entry in other["entries"]:
+        path = tmp_path / theirs / "cells" / f"{entry['label']}-{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"dataset": learn["dataset"], "settings": run_suite.cell_settings(learn, entry, 2020)}))
-    assert twin("SASRec").endswith("SASRec-2020.json")
-    assert twin("SASRec+f_item").endswith("SASRec+item-text-2020.json")
-    assert twin("SASRec_ReLand") is None  # the rationale is ReLand's own
-    assert twin("LightGCN") is None
+        path.write_text(json.dumps({"dataset": other["dataset"], "settings": run_suite.cell_settings(other, entry, seed)}))
+    found = {}
+    for entry in suite["entries"]:
+        twin = run_suite.twin_cell(suite, entry["model"], run_suite.cell_settings(suite, entry, seed), seed, str(tmp_path))
+        if twin:
+            found[entry["label"]] = os.path.basename(twin)
+    assert found == {label: f"{source}-{seed}.json" for label, source in copied.items()}
