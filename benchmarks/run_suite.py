@@ -27,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from recbole_llmk.files import written_whole  # noqa: E402  (light: no torch, no RecBole)
+
 
 def stock_of(model):
     """The stock RecBole backbone of a variant (``DIN_REKI`` -> ``DIN``); None for a stock model."""
@@ -202,8 +204,6 @@ def reuse_cell(twin, label, config, output):
     """Write ``twin`` (another suite's cell of the same run) as this suite's cell ``label``, with
     only the metrics this suite's ``config`` reports, so that its rows compare like with like.
     It keeps the twin's settings: they are what ran."""
-    from recbole_llmk.files import written_whole
-
     with open(twin) as f:
         cell = json.load(f)
     metrics = listed(config, "metrics") or set()
@@ -652,8 +652,6 @@ def main():
             folder = os.path.dirname(os.path.dirname(os.path.abspath(output)))
             cell = run_cell(entry["model"], suite["dataset"], config, label, resume_file_of(folder, label, seed))
             cell["settings"] = cell_settings(suite, entry, int(seed))
-        from recbole_llmk.files import written_whole
-
         with written_whole(output) as tmp, open(tmp, "w") as f:
             json.dump(cell, f, indent=2)
         return
@@ -671,8 +669,13 @@ def main():
         print(f"{n_cells(ran)}' knowledge stores built or found in {(time.time() - start) / 60:.1f} min; no cell trained")
         return
     finished = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
-    stale = {f"{c['model']}-{c['seed']}": keys for c in finished for keys in [stale_keys(suite, c)] if keys}
-    cells = [c for c in finished if f"{c['model']}-{c['seed']}" not in stale]
+    cells, stale = [], {}
+    for cell in finished:
+        changed = stale_keys(suite, cell)
+        if changed:
+            stale[f"{cell['model']}-{cell['seed']}"] = changed
+        else:
+            cells.append(cell)
     if not cells:
         raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed, {len(stale)} ran under other settings")
     rows = summarize(suite, cells)
