@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import lru_cache
 
 import yaml
 
@@ -148,14 +149,16 @@ def is_stock(model):
     return not hasattr(get_model(model), "prepare_knowledge")
 
 
+@lru_cache(maxsize=None)
 def technique_keys():
-    """The settings the knowledge techniques read: those their property files declare."""
+    """The settings the knowledge techniques read: those their property files declare (read once
+    per process: every cell's staleness and twin check asks)."""
     folder = os.path.join(ROOT, "recbole_llmk", "properties", "technique")
     keys = set()
     for name in os.listdir(folder):
         with open(os.path.join(folder, name), encoding="utf-8") as f:
             keys |= set(yaml.safe_load(f) or {})
-    return keys
+    return frozenset(keys)
 
 
 def run_differences(model, ours, theirs):
@@ -200,14 +203,14 @@ def twin_cell(suite, model, ours, seed, results):
     return None
 
 
-def reuse_cell(twin, label, config, output):
+def reuse_cell(twin, label, settings, output):
     """Write ``twin`` (another suite's cell of the same run) as this suite's cell ``label``, with
-    only the metrics this suite's ``config`` reports, so that its rows compare like with like.
+    only the metrics this suite's cell ``settings`` report, so that its rows compare like with like.
     It keeps the twin's settings: they are what ran."""
     with open(twin) as f:
         cell = json.load(f)
-    metrics = listed(config, "metrics") or set()
-    topk = {int(k) for k in listed(config, "topk") or ()}
+    metrics = listed(settings, "metrics") or set()
+    topk = {int(k) for k in listed(settings, "topk") or ()}
 
     def reported(name):
         metric, _, k = name.partition("@")
