@@ -220,7 +220,9 @@ def reuse_cell(twin, label, settings, output):
         if key in cell:
             cell[key] = {name: value for name, value in cell[key].items() if reported(name)}
     cell["model"] = label
-    cell["same_run_as"] = os.path.relpath(twin, os.path.dirname(os.path.dirname(os.path.dirname(output))))
+    # a twin that is itself a copy names where the run happened, so the chain never hides it
+    cell["same_run_as"] = cell.get("same_run_as") or os.path.relpath(
+        twin, os.path.dirname(os.path.dirname(os.path.dirname(output))))
     with written_whole(output) as tmp, open(tmp, "w") as f:
         json.dump(cell, f, indent=2)
 

@@ -396,6 +396,12 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
 
     assert copied["settings"]["topk"] == [10, 50]  # what ran
     assert run_suite.stale_keys(suite, copied) == []  # and it stands for this suite's cell
+    # a suite that copies the copy names the run where it happened, not the copy
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(dict(ours, reuse_cells_from=["a.yaml"])))
+    chained = run_suite.load_suite(str(tmp_path / "chain.yaml"))
+    assert run_suite.run_cells(chained, str(tmp_path / "results" / "chain"), [("SASRec", 1)]) == ([], 0)
+    again = json.load(open(tmp_path / "results" / "chain" / "cells" / "SASRec-1.json"))
+    assert again["same_run_as"] == os.path.join("b", "cells", "SASRec-1.json")
 
     # RecBole's default topk, other topk, other data, settings not recorded: another run (or unknown)
     for change in ({"topk": None}, {"topk": [20]}, {"dataset": "e"}, {}):
@@ -419,6 +425,7 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     # learn_ml100k's stock DIN is reki_released_ml100k's (their settings differ only in where the
     # checkpoints go and in a release path DIN never reads); its DeepFM splits otherwise
     ("learn_ml100k", "reki_released_ml100k", 2021, {"DIN": "DIN"}),
+    ("reki_released_ml100k", "learn_ml100k", 2022, {"DIN": "DIN"}),  # and back: either may run a seed first
 ])
 def test_real_suites_share_exactly_the_cells_that_are_the_same_run(tmp_path, ours, theirs, seed, copied):
     suites = os.path.join(ROOT, "benchmarks", "suites")
