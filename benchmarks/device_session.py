@@ -5,15 +5,17 @@ The GPU machine has python3 with torch, but no RecBole, numpy<2, text encoder, n
 
     # here: build the stores the cells need (encoder and LLM answers live here), fetch the wheels
     # the image lacks, copy the shared data the suite reads (stores and data travel gzipped);
-    # prints the device call to make
+    # prints the two device calls to make
     python benchmarks/device_session.py pack benchmarks/suites/reki_released_ml100k.yaml --only DIN,DIN_REKI-none
-    # there (the `run` tool, carrying .device_kit): install, run the cells for at most N minutes,
-    # write the finished cells to $OUT/cells.tgz
+    # there, call 1 (the `run` tool, carrying .device_kit_scipy): scipy<1.13, which numpy 1.26 needs
+    python3 benchmarks/device_session.py install .device_kit_scipy
+    # there, call 2 within 30 s (carrying .device_kit): install the rest, run the cells for at most
+    # N minutes, write each cell to $OUT/cells/ as it finishes
     python3 benchmarks/device_session.py run benchmarks/suites/reki_released_ml100k.yaml --only ... --minutes 8
     # here: add the fetched cells to the suite's results and rebuild its summary
-    python benchmarks/device_session.py unpack benchmarks/suites/reki_released_ml100k.yaml <folder with cells.tgz>
+    python benchmarks/device_session.py unpack benchmarks/suites/reki_released_ml100k.yaml <folder holding the fetched cells/>
 
-A cell the device could not finish in time is simply not in cells.tgz; `pack` again for it.
+A cell the device could not finish in time is simply not in cells/; `pack` again for it.
 The device builds no knowledge: a store it lacks (say, a split other than the one packed) fails
 that cell with the store's own error instead of silently encoding with another model.
 """
@@ -35,11 +37,16 @@ sys.path.insert(0, HERE)
 import run_suite  # noqa: E402  (the harness whose suites, cells and files this moves)
 
 KIT = os.path.join(ROOT, ".device_kit")
+# scipy travels in a kit of its own: the image's scipy needs numpy 2 (RecBole's models import
+# scipy.sparse, so none of them loads beside numpy 1.26), and at ~36 MiB it does not fit beside
+# the main kit in one 64 MiB carry. It goes first, in a call of its own, to the same SITE.
+SCIPY_KIT = os.path.join(ROOT, ".device_kit_scipy")
+SITE = "/tmp/recbole_llmk_site"
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 SHARED_MARK = "{repo}/../shared/data/"
 CARRY_LIMIT_MB = 60  # the device tool carries 64 MiB in all, the working tree included
-# What the image lacks, at the versions tested here. scipy<1.13 only for graph models (LightGCN,
-# NGCF: --wheel scipy), faiss only for clustering and ReLand (--wheel faiss-cpu).
+# What the image lacks, at the versions tested here (faiss only for clustering and ReLand:
+# --wheel faiss-cpu).
 WHEELS = ("recbole", "numpy", "pandas", "pytz", "tzdata", "colorlog", "texttable", "thop")
 DEVICE_PYTHON = "3.12"
 PAYLOAD, PAYLOAD_FOLDERS = "payload.tgz", ("repo", "shared")
@@ -112,6 +119,7 @@ def pack(args):
                     "--results", args.results] + selection(args), check=True)
     shutil.rmtree(KIT, ignore_errors=True)
     fetch_wheels(os.path.join(KIT, "wheels"), list(WHEELS) + args.wheel)
+    fetch_wheels(os.path.join(SCIPY_KIT, "wheels"), ["scipy"])
     for path in shared_paths(suite):
         source, target = os.path.join(SHARED, path), os.path.join(KIT, "shared", "data", path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -135,7 +143,18 @@ def pack(args):
         raise SystemExit(f"the kit is {total:.0f} MiB, over the {CARRY_LIMIT_MB} MiB the device carries: run fewer "
                          f"entries or seeds (--only, --seeds)")
     command = ["python3", "benchmarks/device_session.py", "run", os.path.relpath(args.suite, ROOT)] + selection(args)
-    print(f"device call: run(carry=[\".device_kit\"], command={' '.join(command + ['--jobs', '8', '--minutes', '8'])!r})")
+    print("device calls, the second within the 30 s a machine stays warm:\n"
+          f"  run(carry=[\"{os.path.basename(SCIPY_KIT)}\"], command='python3 benchmarks/device_session.py install "
+          f"{os.path.basename(SCIPY_KIT)}')\n"
+          f"  run(carry=[\"{os.path.basename(KIT)}\"], command={' '.join(command + ['--jobs', '8', '--minutes', '8'])!r})")
+
+
+def install(kit):
+    """On the device machine: install a kit's wheels into SITE, beside the image's torch."""
+    folder = os.path.join(kit, "wheels")
+    wheels = sorted(os.path.join(folder, w) for w in os.listdir(folder))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", SITE, *wheels], check=True)
 
 
 def selection(args):
@@ -144,19 +163,19 @@ def selection(args):
 
 def run(args):
     """On the device machine: install the kit, run the cells for at most ``--minutes``, and
-    write the cells finished meanwhile (and the log) to $OUT."""
+    write each cell to $OUT/cells/ as it finishes (and the log to $OUT)."""
     out = os.environ.get("OUT") or os.path.join(ROOT, "device_out")
     os.makedirs(out, exist_ok=True)
-    site = "/tmp/recbole_llmk_site"
-    wheels = sorted(os.path.join(KIT, "wheels", w) for w in os.listdir(os.path.join(KIT, "wheels")))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--upgrade", "--target", site, *wheels], check=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, ROOT]), PYTHONUNBUFFERED="1")
-    probe = ("import numpy, pandas, recbole, torch; print('stack: numpy', numpy.__version__, 'pandas', "
-             "pandas.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available() and "
-             "torch.cuda.get_device_name(0))")
-    subprocess.run([sys.executable, "-c", probe], env=env, check=True)
-    sys.path[:0] = [site, ROOT]  # this process reads the suite through the plugin too
+    install(KIT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SITE, ROOT]), PYTHONUNBUFFERED="1")
+    probe = ("import numpy, pandas, scipy, recbole, torch; print('stack: numpy', numpy.__version__, 'pandas', "
+             "pandas.__version__, 'scipy', scipy.__version__, 'torch', torch.__version__, 'cuda', "
+             "torch.cuda.is_available() and torch.cuda.get_device_name(0)); import recbole.model.general_recommender")
+    if subprocess.run([sys.executable, "-c", probe], env=env).returncode:
+        raise SystemExit(f"RecBole's models do not import on this machine (above). If it is the image's scipy: "
+                         f"install {os.path.basename(SCIPY_KIT)} first, in the call just before this one (pack "
+                         f"prints both calls)")
+    sys.path[:0] = [SITE, ROOT]  # this process reads the suite through the plugin too
     extract_payload(KIT)
     if not os.path.exists(SHARED) and os.path.isdir(os.path.join(KIT, "shared", "data")):
         os.makedirs(os.path.dirname(SHARED), exist_ok=True)
@@ -165,61 +184,74 @@ def run(args):
         shutil.copytree(os.path.join(KIT, "repo"), ROOT, dirs_exist_ok=True)
     suite = suite_of(args.suite)
     cells = os.path.join(args.results, suite["name"], "cells")
+    returned = os.path.join(out, "cells")
     start = time.time()
     command = [sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--jobs", str(args.jobs),
                "--results", args.results] + selection(args)
     with open(os.path.join(out, "run_suite.log"), "w") as log:
         job = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            job.wait(timeout=args.minutes * 60)
-        except subprocess.TimeoutExpired:  # the cells still running are lost; the finished ones are kept
+        # Cells go to $OUT as each finishes: a machine reclaimed before --minutes is up (its lease
+        # ran out, the call hit its limit) still returns every cell finished by then.
+        while job.poll() is None and time.time() - start < args.minutes * 60:
+            return_finished_cells(cells, start, returned)
+            time.sleep(5)
+        if job.poll() is None:  # the cells still running are lost; the finished ones are kept
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
             log.write(f"\nstopped after {args.minutes} min\n")
-    finished = [f for f in sorted(os.listdir(cells)) if os.path.getmtime(os.path.join(cells, f)) >= start] \
-        if os.path.isdir(cells) else []
-    with tarfile.open(os.path.join(out, "cells.tgz"), "w:gz") as tar:
-        for name in finished:
-            tar.add(os.path.join(cells, name), arcname=name)
+    finished = return_finished_cells(cells, start, returned)
     print(f"{len(finished)} cells finished in {(time.time() - start) / 60:.1f} min: {', '.join(finished) or 'none'}")
     with open(os.path.join(out, "run_suite.log")) as f:
         print(f.read()[-6000:])
 
 
+def return_finished_cells(cells, start, returned):
+    """Copy the cells written since ``start`` into ``returned``, each whole (a copy cut short by
+    the machine going away ends in ``.partial``, which unpack ignores); -> their names."""
+    os.makedirs(returned, exist_ok=True)
+    names = [f for f in sorted(os.listdir(cells)) if f.endswith(".json")
+             and os.path.getmtime(os.path.join(cells, f)) >= start] if os.path.isdir(cells) else []
+    for name in names:
+        if not os.path.exists(os.path.join(returned, name)):
+            with run_suite.written_whole(os.path.join(returned, name)) as tmp:
+                shutil.copy2(os.path.join(cells, name), tmp)
+    return names
+
+
 def unpack(args):
-    """Add the cells in ``<folder>/cells.tgz`` to the suite's results (never over a cell already
+    """Add the cells in ``<folder>/cells/`` to the suite's results (never over a cell already
     there) and rebuild its summary."""
     suite = suite_of(args.suite)
     cells = os.path.join(args.results, suite["name"], "cells")
     os.makedirs(cells, exist_ok=True)
-    with tarfile.open(os.path.join(args.folder, "cells.tgz")) as tar:
-        for member in tar.getmembers():
-            name = os.path.basename(member.name)
-            if not member.isfile() or not name.endswith(".json"):
-                continue
-            if os.path.exists(os.path.join(cells, name)):
-                print(f"{name}: already in {cells}, kept")
-                continue
-            with tar.extractfile(member) as f, open(os.path.join(cells, name), "wb") as target:
-                target.write(f.read())
-            print(f"{name}: added")
+    fetched = os.path.join(args.folder, "cells")
+    for name in sorted(os.listdir(fetched)):
+        if not name.endswith(".json"):
+            continue
+        if os.path.exists(os.path.join(cells, name)):
+            print(f"{name}: already in {cells}, kept")
+            continue
+        shutil.copy2(os.path.join(fetched, name), os.path.join(cells, name))
+        print(f"{name}: added")
     subprocess.run([sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--summary-only",
                     "--results", args.results], check=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("pack", "run", "unpack"))
-    parser.add_argument("suite")
-    parser.add_argument("folder", nargs="?", help="unpack: the folder holding the fetched cells.tgz")
+    parser.add_argument("step", choices=("pack", "install", "run", "unpack"))
+    parser.add_argument("suite", help="the suite (install: the kit folder to install)")
+    parser.add_argument("folder", nargs="?", help="unpack: the folder holding the fetched cells/")
     parser.add_argument("--only", default=None)
     parser.add_argument("--seeds", default=None)
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
-    parser.add_argument("--wheel", action="append", default=[], help="pack: another wheel the cells need (e.g. scipy)")
+    parser.add_argument("--wheel", action="append", default=[], help="pack: another wheel the cells need (e.g. faiss-cpu)")
     parser.add_argument("--jobs", type=int, default=8, help="run: cells at once")
     parser.add_argument("--minutes", type=float, default=8, help="run: stop the cells after this long")
     args = parser.parse_args()
     args.suite = os.path.abspath(args.suite)
+    if args.step == "install":
+        return install(args.suite)
     {"pack": pack, "run": run, "unpack": unpack}[args.step](args)
 
 

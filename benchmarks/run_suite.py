@@ -247,7 +247,11 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
     net = create_model(config, train_data)
     trainer = get_trainer(config)(config, net)
     trainer.resume_file, trainer.resume_key = resume_file, key
-    trainer.saved_model_file = os.path.join(config["checkpoint_dir"], f"{model}-{config['seed']}-{get_local_time()}.pth")
+    # RecBole names the best model by model and second: two cells of one model started in the same
+    # second (a GPU machine starting 8 at once) would then test each other's model. The label and
+    # process id make the name one cell's own.
+    name = f"{file_label(label or model)}-{config['seed']}-{get_local_time()}-{os.getpid()}.pth"
+    trainer.saved_model_file = os.path.join(config["checkpoint_dir"], name)
     best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     test_result = trainer.evaluate(test_data, load_best_model=True)
     epoch_seconds = trainer.epoch_seconds  # those of killed earlier runs of this cell included
@@ -268,6 +272,7 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
     cell["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # how busy the machine was: times of cells that shared the CPU with other work are not clean
     cell["load_average_1min"] = os.getloadavg()[0]
+    cell["device"] = str(config["device"])
     if torch.cuda.is_available():
         cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if trainer.resumed_after:
@@ -327,6 +332,16 @@ def paired_change(runs, others, metric):
     return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else None
 
 
+TIME_KEYS = ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored")
+
+
+def ran_on(cell):
+    """'GPU' or 'CPU': where a cell trained (cells from before that was recorded tell by the peak
+    GPU memory only a CUDA machine records)."""
+    device = cell.get("device") or ("cuda" if "peak_gpu_mb" in cell else "cpu")
+    return "GPU" if device.startswith("cuda") else "CPU"
+
+
 def summarize(suite, cells):
     """Rows of mean ± std per model, paired t-test against the stock backbone (and against the
     ``versus`` entry, when named) on shared seeds."""
@@ -352,8 +367,11 @@ def summarize(suite, cells):
             if entry["versus"] in by_model:
                 row["versus"] = entry["versus"]
                 row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
-        for key in ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored",
-                    "knowledge_seconds", "peak_rss_mb", "epochs_run"):
+        devices = sorted({ran_on(c) for c in runs.values()})
+        row["ran_on"] = ", ".join(f"{d} {sum(ran_on(c) == d for c in runs.values())}" for d in devices)
+        # a mean of CPU and GPU epochs times neither: a row whose cells ran on both gives no times
+        timed = TIME_KEYS if len(devices) == 1 else ()
+        for key in timed + ("knowledge_seconds", "peak_rss_mb", "epochs_run"):
             values = [c[key] for c in runs.values() if c.get(key) is not None]
             if values:
                 row[key] = float(np.mean(values))
@@ -442,7 +460,7 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=
     metrics = sorted({k[:-5] for r in rows for k in r if k.endswith("_mean")})
     header = ["model", "seeds"] + [m for m in metrics] + [f"{m} vs stock (p)" for m in metrics] + \
              ["epoch s", "train ms/batch", "infer ms/batch", "infer ms/batch prestored", "knowledge s",
-              "prompts", "LLM calls", "LLM tokens", "epochs"]
+              "prompts", "LLM calls", "LLM tokens", "epochs", "ran on"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(value, spec=".4f"):
@@ -455,7 +473,8 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=
         cells += [fmt(r.get("train_epoch_seconds"), ".1f"), fmt(r.get("train_batch_ms"), ".1f"),
                   fmt(r.get("infer_batch_ms"), ".2f"), fmt(r.get("infer_batch_ms_prestored"), ".2f"),
                   fmt(r.get("knowledge_seconds"), ".0f"), fmt(r.get("llm_prompts"), ".0f"),
-                  fmt(r.get("llm_calls"), ".0f"), fmt(r.get("llm_tokens"), ".0f"), fmt(r.get("epochs_run"), ".1f")]
+                  fmt(r.get("llm_calls"), ".0f"), fmt(r.get("llm_tokens"), ".0f"), fmt(r.get("epochs_run"), ".1f"),
+                  r.get("ran_on", "")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += versus_table(rows, metrics)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, python {platform.python_version()}"
@@ -469,7 +488,8 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
             + load_note(finished) + reuse_note(finished) + stale_note(stale) + ". Test-split metrics, mean ± std over seeds; "
-            "p: paired t-test against the stock backbone on the same seeds"
+            "p: paired t-test against the stock backbone on the same seeds; times are left out of a row "
+            "whose cells ran on both CPU and GPU"
             + ("; the second table compares a variant with the entry it names, the same way" if any(r.get("versus") for r in rows) else "")
             + ".\n")
     with open(os.path.join(folder, "summary.md"), "w") as f:
@@ -536,8 +556,12 @@ def set_aside(folder, path):
 
 
 def cell_file(folder, label, seed, kind="cells", suffix=".json"):
+    return os.path.join(folder, kind, f"{file_label(label)}-{seed}{suffix}")
+
+
+def file_label(label):
     # labels name sweeps freely ("collective-80/100"); a file name has no "/"
-    return os.path.join(folder, kind, f"{label.replace(os.sep, '_')}-{seed}{suffix}")
+    return label.replace(os.sep, "_")
 
 
 def resume_file_of(folder, label, seed):

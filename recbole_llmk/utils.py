@@ -35,16 +35,30 @@ def _load(target):
     return getattr(importlib.import_module(module), attr)
 
 
+# RecBole tries its optional lightgbm/xgboost models last, so an unknown name ends in their ImportError.
+OPTIONAL_LIBRARIES = ("lightgbm", "xgboost")
+
+
 def get_recbole_model(name):
     """RecBole's model class, with a clear error instead of RecBole's lightgbm ImportError."""
     try:
         return recbole_get_model(name)
-    except (ValueError, ImportError, AttributeError):
+    except (ValueError, ImportError) as error:
+        if isinstance(error, ImportError) and error.name not in OPTIONAL_LIBRARIES:
+            raise broken_install(name, error) from error
         raise ValueError(
             f"[{name}] is not a RecBole model. Use a RecBole model name (e.g. DeepFM, DIN, SASRec), "
             f"one of this plugin's models {sorted(NATIVE_MODELS)}, or <Model>_<Technique> with a "
             f"technique in {sorted(TECHNIQUES)}."
         ) from None
+    except AttributeError as error:  # e.g. a scipy built for numpy 2 meeting numpy<2
+        raise broken_install(name, error) from error
+
+
+def broken_install(name, error):
+    return ImportError(f"RecBole's models failed to import while looking up [{name}]: {type(error).__name__}: "
+                       f"{error}. The installed packages do not fit together; reinstall as the README says "
+                       f"(pip install -e .), which pins numpy<2, pandas<3 and scipy<1.13 for RecBole 1.2.1.")
 
 
 @lru_cache(maxsize=None)

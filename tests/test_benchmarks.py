@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,6 +231,23 @@ def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     assert run_suite.summarize(suite, cells)[1]["auc_p"] is None  # and summary.csv leaves its p empty
 
 
+def test_a_row_whose_cells_ran_on_cpu_and_gpu_reports_no_times(tmp_path):
+    suite = {"name": "s", "dataset": "d", "seeds": [1, 2, 3], "models": ["DIN", "DIN_REKI"]}
+    cpu = {"train_epoch_seconds": 120.0, "infer_batch_ms": 700.0, "epochs_run": 40}
+    gpu = {"train_epoch_seconds": 4.0, "infer_batch_ms": 20.0, "epochs_run": 30, "peak_gpu_mb": 660.0}
+    cells = [{"model": "DIN", "seed": s, "test": {"auc": 0.80 + s / 100}, **cpu} for s in (1, 2, 3)]
+    cells += [{"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}, **cpu},
+              {"model": "DIN_REKI", "seed": 2, "test": {"auc": 0.835}, **gpu, "device": "cuda"},
+              {"model": "DIN_REKI", "seed": 3, "test": {"auc": 0.84}, **gpu}]  # before the device was recorded
+    rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
+    assert rows["DIN"]["ran_on"] == "CPU 3" and rows["DIN"]["train_epoch_seconds"] == 120.0
+    assert rows["DIN_REKI"]["ran_on"] == "CPU 1, GPU 2"
+    assert "train_epoch_seconds" not in rows["DIN_REKI"] and "infer_batch_ms" not in rows["DIN_REKI"]
+    assert rows["DIN_REKI"]["epochs_run"] == pytest.approx(100 / 3) and "auc_p" in rows["DIN_REKI"]
+    report = run_suite.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 6, cells)
+    assert report.split("\n")[3].endswith("|  |  |  |  |  |  |  |  | 33.3 | CPU 1, GPU 2 |")
+
+
 def test_suite_paths_may_start_at_the_repository():
     suite = {"models": ["DeepFM"], "seeds": [1], "config": {"reki_release_path": "{repo}/../shared/x", "n": 3},
              "model_config": {}}
@@ -299,8 +317,6 @@ def test_device_kit_carries_the_shared_data_a_suite_names():
 
 
 def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
-    import tarfile
-
     suite = {"dataset": "tiny", "models": ["DIN", "DIN_REKI"], "seeds": [1, 2], "config": {}}
     path = workdir / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
@@ -313,11 +329,10 @@ def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
     cells.mkdir(parents=True)
     (cells / "DIN-1.json").write_text(json.dumps(cell("DIN", 1, 0.70)))
     fetched = workdir / "fetched"
-    fetched.mkdir()
-    with tarfile.open(fetched / "cells.tgz", "w:gz") as tar:
-        for model, seed, auc in (("DIN", 1, 0.99), ("DIN", 2, 0.72), ("DIN_REKI", 1, 0.73), ("DIN_REKI", 2, 0.75)):
-            (workdir / f"{model}-{seed}.json").write_text(json.dumps(cell(model, seed, auc)))
-            tar.add(workdir / f"{model}-{seed}.json", arcname=f"{model}-{seed}.json")
+    (fetched / "cells").mkdir(parents=True)
+    for model, seed, auc in (("DIN", 1, 0.99), ("DIN", 2, 0.72), ("DIN_REKI", 1, 0.73), ("DIN_REKI", 2, 0.75)):
+        (fetched / "cells" / f"{model}-{seed}.json").write_text(json.dumps(cell(model, seed, auc)))
+    (fetched / "cells" / "DIN_REKI-3.json.partial").write_text("{")  # a copy the machine cut short
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_session.py"), "unpack", str(path),
                            str(fetched), "--results", str(workdir / "results")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -441,3 +456,19 @@ def test_real_suites_share_exactly_the_cells_that_are_the_same_run(tmp_path, our
         if twin:
             found[entry["label"]] = os.path.basename(twin)
     assert found == {label: f"{source}-{seed}.json" for label, source in copied.items()}
+
+
+def test_device_returns_each_cell_finished_since_it_started(tmp_path):
+    import device_session
+
+    cells, returned = tmp_path / "cells", tmp_path / "out" / "cells"
+    cells.mkdir()
+    (cells / "DIN-2020.json").write_text("{}")  # came with the working tree
+    os.utime(cells / "DIN-2020.json", (1, 1))
+    start = time.time() - 1
+    assert device_session.return_finished_cells(str(cells), start, str(returned)) == []
+    (cells / "DIN-2021.json").write_text('{"seed": 2021}')
+    (cells / "DIN-2022.json.partial").write_text("{")  # still being written
+    assert device_session.return_finished_cells(str(cells), start, str(returned)) == ["DIN-2021.json"]
+    assert sorted(os.listdir(returned)) == ["DIN-2021.json"]
+    assert json.loads((returned / "DIN-2021.json").read_text()) == {"seed": 2021}

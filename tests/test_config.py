@@ -132,6 +132,20 @@ def test_unknown_model_gives_a_clear_error(workdir):
         LLMKConfig("NoSuchModel_REKI", "tiny", config_dict={"data_path": str(workdir / "data")})
 
 
+def test_a_broken_install_is_not_called_an_unknown_model(monkeypatch):
+    from recbole_llmk import utils
+
+    def scipy_for_numpy_2(name):  # what RecBole's lookup met on a machine whose scipy needs numpy 2
+        raise AttributeError("module 'numpy' has no attribute 'long'")
+
+    monkeypatch.setattr(utils, "recbole_get_model", scipy_for_numpy_2)
+    with pytest.raises(ImportError, match=r"looking up \[DIN\]: AttributeError: .*'long'.*reinstall"):
+        utils.get_recbole_model("DIN")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="is not a RecBole model"):  # RecBole's lightgbm ImportError still is one
+        utils.get_recbole_model("NoSuchModel")
+
+
 def test_command_line_overrides_and_config_files(tiny_config, workdir):
     config_file = workdir / "run.yaml"
     config_file.write_text(yaml.safe_dump({k: v for k, v in tiny_config.items() if k != "epochs"}))
