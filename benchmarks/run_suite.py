@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from functools import lru_cache
 
 import yaml
@@ -367,8 +368,8 @@ def summarize(suite, cells):
             if entry["versus"] in by_model:
                 row["versus"] = entry["versus"]
                 row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
-        devices = sorted({ran_on(c) for c in runs.values()})
-        row["ran_on"] = ", ".join(f"{d} {sum(ran_on(c) == d for c in runs.values())}" for d in devices)
+        devices = Counter(ran_on(c) for c in runs.values())
+        row["ran_on"] = ", ".join(f"{device} {n}" for device, n in sorted(devices.items()))
         # a mean of CPU and GPU epochs times neither: a row whose cells ran on both gives no times
         timed = TIME_KEYS if len(devices) == 1 else ()
         for key in timed + ("knowledge_seconds", "peak_rss_mb", "epochs_run"):

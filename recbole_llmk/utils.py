@@ -40,25 +40,23 @@ OPTIONAL_LIBRARIES = ("lightgbm", "xgboost")
 
 
 def get_recbole_model(name):
-    """RecBole's model class, with a clear error instead of RecBole's lightgbm ImportError."""
+    """RecBole's model class, with a clear error instead of RecBole's lightgbm ImportError, and
+    another for an install whose packages do not fit together (RecBole imports all its models)."""
     try:
         return recbole_get_model(name)
-    except (ValueError, ImportError) as error:
-        if isinstance(error, ImportError) and error.name not in OPTIONAL_LIBRARIES:
-            raise broken_install(name, error) from error
-        raise ValueError(
-            f"[{name}] is not a RecBole model. Use a RecBole model name (e.g. DeepFM, DIN, SASRec), "
-            f"one of this plugin's models {sorted(NATIVE_MODELS)}, or <Model>_<Technique> with a "
-            f"technique in {sorted(TECHNIQUES)}."
-        ) from None
-    except AttributeError as error:  # e.g. a scipy built for numpy 2 meeting numpy<2
-        raise broken_install(name, error) from error
-
-
-def broken_install(name, error):
-    return ImportError(f"RecBole's models failed to import while looking up [{name}]: {type(error).__name__}: "
-                       f"{error}. The installed packages do not fit together; reinstall as the README says "
-                       f"(pip install -e .), which pins numpy<2, pandas<3 and scipy<1.13 for RecBole 1.2.1.")
+    except ValueError:
+        pass
+    except (ImportError, AttributeError) as error:  # e.g. a scipy built for numpy 2 meeting numpy<2
+        if not (isinstance(error, ImportError) and error.name in OPTIONAL_LIBRARIES):
+            raise ImportError(f"RecBole's models failed to import while looking up [{name}]: "
+                              f"{type(error).__name__}: {error}. The installed packages do not fit together; "
+                              f"reinstall as the README says (pip install -e .), which pins numpy<2, pandas<3 "
+                              f"and scipy<1.13 for RecBole 1.2.1.") from error
+    raise ValueError(
+        f"[{name}] is not a RecBole model. Use a RecBole model name (e.g. DeepFM, DIN, SASRec), "
+        f"one of this plugin's models {sorted(NATIVE_MODELS)}, or <Model>_<Technique> with a "
+        f"technique in {sorted(TECHNIQUES)}."
+    )
 
 
 @lru_cache(maxsize=None)
