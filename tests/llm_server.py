@@ -15,11 +15,19 @@ Fault injection (per test):
     client can be killed while it waits.
 Faults: ``"429"``, ``"500"`` (or any other status code as a string, e.g. ``"401"``, ``"400"``),
 ``"slow"`` (answers only after ``slow_seconds``, longer than the client's timeout), ``"malformed"``
-(200 with a body that is not JSON), ``"empty"`` (200 with empty content), ``"no_choices"``.
+(200 with a body that is not JSON), ``"empty"`` (200 with empty content), ``"no_choices"``, ``"refusal"`` (200 with :data:`REFUSAL`), ``"length"``
+(the normal answer with ``finish_reason: length``).
 A faulted request never counts as answered.
 
+Server shapes (constructor options), to play what real servers do:
+  * ``serial_seconds=S``: one request is worked on at a time, each for S seconds, and the work is
+    done even when the client has given up (llama-cpp-python's server); ``worked`` counts it.
+  * ``models=[...]``: GET /v1/models lists these ids (otherwise GET answers 501, as many do).
+  * ``total_slots=N``: GET /props answers ``{"total_slots": N}`` (llama.cpp's own server).
+
 Counters (thread-safe): ``received`` (all requests), ``answered`` (Counter prompt -> successful
-answers), ``answered_total``.
+answers), ``answered_total``, ``temperatures`` (of every request received, in order),
+``max_in_flight`` (the most requests open at once).
 
 Use in-process as a context manager (``with LLMTestServer() as server: server.base_url``) or as a
 separate process: ``python tests/llm_server.py --port-file F [--hang-after K]``.
@@ -35,7 +43,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("slow", "malformed", "empty", "no_choices")
+FAULTS = ("slow", "malformed", "empty", "no_choices", "refusal", "length")
+REFUSAL = "I'm sorry, but I can't help with that request."
 
 
 def answer_for(prompt):
@@ -43,13 +52,13 @@ def answer_for(prompt):
     return f"ANSWER[{hashlib.sha1(prompt.encode()).hexdigest()[:8]}]: {prompt[:40]}"
 
 
-def completion_body(model, answer, prompt, number):
+def completion_body(model, answer, prompt, number, finish_reason="stop"):
     return {
         "id": f"chatcmpl-test-{number}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(answer.split()),
                   "total_tokens": len(prompt.split()) + len(answer.split())},
     }
@@ -68,14 +77,23 @@ class _Server(ThreadingHTTPServer):
 class LLMTestServer:
     """The server plus its fault script and counters; see the module docstring."""
 
-    def __init__(self, host="127.0.0.1", port=0, hang_after=None, slow_seconds=2.0):
+    def __init__(self, host="127.0.0.1", port=0, hang_after=None, slow_seconds=2.0, serial_seconds=None,
+                 models=None, total_slots=None):
         self.slow_seconds = slow_seconds
+        self.serial_seconds = serial_seconds
+        self.models = models
+        self.total_slots = total_slots
+        self._work_lock = threading.Lock()
+        self.worked = 0
         self._lock = threading.Condition()
         self._faults = collections.deque()
         self._prompt_faults = {}
         self._hang_after = hang_after
         self._release = threading.Event()
         self.received = 0
+        self.temperatures = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.answered = collections.Counter()
         self.faults_applied = []
         self._httpd = _Server((host, port), self._handler_class())
@@ -151,10 +169,11 @@ class LLMTestServer:
             return self._lock.wait_for(lambda: sum(self.answered.values()) >= count, timeout)
 
     # --- request handling ------------------------------------------------------------------
-    def _admit(self, prompt):
+    def _admit(self, prompt, body):
         """Count the request and decide its fate: None (answer), a fault name, or 'hang'."""
         with self._lock:
             self.received += 1
+            self.temperatures.append(body.get("temperature"))
             number = self.received
             if self._hang_after is not None and number > self._hang_after:
                 return number, "hang"
@@ -180,6 +199,15 @@ class LLMTestServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def do_GET(self):
+                path = self.path.rstrip("/")
+                if path.endswith("/models") and server.models is not None:
+                    return self._send_json(200, {"object": "list", "data": [
+                        {"id": name, "object": "model", "owned_by": "test"} for name in server.models]})
+                if path == "/props" and server.total_slots is not None:
+                    return self._send_json(200, {"total_slots": server.total_slots})
+                return self._send_json(501, error_body(501, f"no GET route {self.path}"))
+
             def do_POST(self):
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     return self._send_json(404, error_body(404, f"no route {self.path}"))
@@ -188,12 +216,23 @@ class LLMTestServer:
                     prompt = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
                 except (ValueError, KeyError, IndexError, TypeError) as exc:
                     return self._send_json(400, error_body(400, f"bad request: {exc}"))
-                number, fault = server._admit(prompt)
+                number, fault = server._admit(prompt, body)
                 if fault == "hang":
                     server._release.wait()
                     self.close_connection = True
                     return
-                self._respond(body, prompt, number, fault)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server.serial_seconds:
+                        with server._work_lock:  # one at a time; finished even if the client left
+                            time.sleep(server.serial_seconds)
+                            server.worked += 1
+                    self._respond(body, prompt, number, fault)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
             def _respond(self, body, prompt, number, fault):
                 model = body.get("model", "test-model")
@@ -206,6 +245,11 @@ class LLMTestServer:
                     self._send_json(200, completion_body(model, answer, prompt, number))
                 elif fault == "malformed":
                     self._send_raw(200, b'{"id": "chatcmpl-broken", "choices": [{"mess')
+                elif fault == "refusal":
+                    self._send_json(200, completion_body(model, REFUSAL, prompt, number))
+                elif fault == "length":
+                    if self._send_json(200, completion_body(model, answer, prompt, number, "length")):
+                        server._record_answer(prompt)
                 elif fault == "empty":
                     self._send_json(200, completion_body(model, "", prompt, number))
                 elif fault == "no_choices":

@@ -21,7 +21,7 @@ from recbole_llmk.knowledge.generation import (GenerationError, Request, export_
 from recbole_llmk.knowledge.llm_cache import CACHE_FILE, LLMCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_server import LLMTestServer, answer_for, completion_body  # noqa: E402
+from llm_server import REFUSAL, LLMTestServer, answer_for, completion_body  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "RECBOLE_LLMK_TEST_KEY"
@@ -44,6 +44,10 @@ def openai_config(server, **overrides):
 def cache_lines(cache_dir):
     path = Path(cache_dir) / CACHE_FILE
     return path.read_bytes().splitlines() if path.exists() else []
+
+
+def cache_records(cache_dir):
+    return [json.loads(line) for line in cache_lines(cache_dir)]
 
 
 @pytest.fixture
@@ -124,6 +128,125 @@ def test_a_bad_request_is_not_retried(server, tmp_path):
     with pytest.raises(GenerationError, match="HTTP 400") as info:
         make_backend(openai_config(server), str(tmp_path)).generate(requests)
     assert info.value.report.retries == 0 and server.faults_applied == ["400"]
+    # What a too-long prompt needs: which request, how long, what to change.
+    assert "item:bad" in str(info.value) and "the prompt has 10 characters" in str(info.value)
+    assert "history_length" in str(info.value)
+
+
+# --- what real servers do -------------------------------------------------------------------------
+
+
+def test_a_serial_server_queue_lowers_concurrency_instead_of_failing(tmp_path, caplog):
+    """A server that answers one request at a time (llama-cpp-python's) with 8 sent at once: the
+    last ones time out in its queue. The client halves what it sends until they fit, without
+    using up the prompts' retries, and the work the server did for nobody stays bounded."""
+    requests = make_requests(10)
+    with LLMTestServer(serial_seconds=0.2) as server:
+        config = openai_config(server, llm_concurrency=8, llm_timeout=1.0, llm_max_retries=1)
+        answers, report = make_backend(config, str(tmp_path)).generate(requests)
+        worked = server.worked
+    assert answers == {r.key: answer_for(r.prompt) for r in requests} and report.failed == 0
+    assert "the server queues them" in caplog.text and "llm_concurrency=" in caplog.text
+    assert report.retries >= 1 and report.called == len(requests) + report.retries
+    assert worked <= 2 * len(requests)
+
+
+def test_a_server_that_says_its_slots_gets_no_more_at_once(tmp_path):
+    requests = make_requests(8)
+    with LLMTestServer(total_slots=2, serial_seconds=0.02) as server:
+        make_backend(openai_config(server, llm_concurrency=8), str(tmp_path)).generate(requests)
+        assert server.max_in_flight == 2 and server.answered_total == 8
+
+
+def test_a_server_that_lists_other_models_is_refused_before_any_prompt(tmp_path):
+    """llama.cpp answers to any model name with the model it loaded: the cache would file its
+    answers under the name asked for. The listed names are the check."""
+    with LLMTestServer(models=["/models/SmolLM2-135M-Instruct.Q4_1.gguf"]) as server:
+        with pytest.raises(GenerationError, match="serves /models/SmolLM2-135M-Instruct.Q4_1.gguf, not llm_model=gpt-4o"):
+            make_backend(openai_config(server, llm_model="gpt-4o"), str(tmp_path)).generate(make_requests(2))
+        assert server.received == 0
+        config = openai_config(server, llm_model="/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        answers, _ = make_backend(config, str(tmp_path)).generate(make_requests(2))
+        assert len(answers) == 2 and server.received == 2
+
+
+def test_an_answer_cut_at_max_tokens_is_recorded_and_counted(server, tmp_path):
+    server.add_faults("length")
+    _, report = make_backend(openai_config(server), str(tmp_path)).generate(make_requests(3))
+    assert report.truncated == 1 and report.failed == 0
+    reasons = [record.get("finish_reason") for record in cache_records(tmp_path)]
+    assert sorted(reasons) == ["length", "stop", "stop"]
+    assert all(record["served_model"] == "test-model" for record in cache_records(tmp_path))
+
+
+# --- the answer gate ------------------------------------------------------------------------------
+
+
+def test_a_refusal_is_asked_again_at_a_sampling_temperature(server, tmp_path):
+    server.add_faults("refusal")
+    requests = make_requests(3)
+    answers, report = make_backend(openai_config(server), str(tmp_path)).generate(requests)
+    assert answers == {r.key: answer_for(r.prompt) for r in requests}
+    assert report.bad_answer_retries == 1 and report.flagged == {} and report.called == 4
+    assert server.temperatures == [0.0, 0.0, 0.0, 0.7]
+    refused = [record for record in cache_records(tmp_path) if record["response"] == REFUSAL]
+    assert len(refused) == 1 and refused[0]["verdict"] == "refusal"  # kept in the file, superseded
+    retried = [record for record in cache_records(tmp_path) if record.get("attempt") == 2]
+    assert len(retried) == 1 and retried[0]["temperature"] == 0.7 and "verdict" not in retried[0]
+
+
+def test_a_model_that_always_refuses_is_asked_a_bounded_number_of_times(server, tmp_path, caplog):
+    server.fail_prompts_containing("user 1,", "refusal")
+    config = openai_config(server, llm_bad_answer_retries=2)
+    answers, report = make_backend(config, str(tmp_path)).generate(make_requests(3))
+    assert answers["user:1"] == REFUSAL and report.flagged == {"refusal": 1}
+    assert report.bad_answer_retries == 2 and server.received == 3 + 2
+    assert "1 of 3 LLM answers are not usable knowledge (1 refusal" in caplog.text and "user:1 (refusal)" in caplog.text
+    # A rerun has nothing left to ask: the retries are spent and recorded.
+    _, report = make_backend(config, str(tmp_path)).generate(make_requests(3))
+    assert server.received == 5 and report.cached == 3 and report.flagged == {"refusal": 1}
+
+
+def test_bad_answer_policies_keep_and_fail(server, tmp_path, caplog):
+    server.add_faults("refusal")
+    requests = make_requests(3)
+    with pytest.raises(GenerationError, match="llm_on_bad_answer=fail") as info:
+        make_backend(openai_config(server, llm_on_bad_answer="fail"), str(tmp_path)).generate(requests)
+    assert info.value.report.flagged == {"refusal": 1} and len(cache_lines(tmp_path)) == 3  # nothing lost
+    answers, report = make_backend(openai_config(server, llm_on_bad_answer="keep"), str(tmp_path)).generate(requests)
+    assert server.received == 3 and report.cached == 3  # keep: nothing asked again
+    assert list(answers.values()).count(REFUSAL) == 1 and report.flagged == {"refusal": 1}
+    assert "kept as knowledge (llm_on_bad_answer=keep" in caplog.text
+
+
+def test_a_refusal_cached_before_the_gate_existed_is_asked_again(server, tmp_path):
+    """Refusals used to be cached and stored silently and forever: the next run repairs them."""
+    requests = make_requests(2)
+    settings = make_backend(openai_config(server), str(tmp_path)).settings
+    hash_ = settings.hash("openai", "test-model", settings.messages(requests[0].prompt))
+    LLMCache(str(tmp_path)).put(hash_, "user:0", "test-model", requests[0].prompt, REFUSAL)  # an old record
+    answers, report = make_backend(openai_config(server), str(tmp_path)).generate(requests)
+    assert answers["user:0"] == answer_for(requests[0].prompt) and report.bad_answer_retries == 1
+    assert sorted(server.temperatures) == [0.0, 0.7] and report.cached == 0 and report.flagged == {}
+
+
+def test_replayed_refusals_are_counted_and_fail_stops(tmp_path, caplog):
+    recording = tmp_path / "answers.jsonl"
+    requests = make_requests(2)
+    recording.write_text("".join(json.dumps({"prompt": r.prompt, "response": answer}) + "\n"
+                                 for r, answer in zip(requests, [REFUSAL, "A fine answer."])))
+    config = {"llm_backend": "replay", "llm_replay_file": str(recording)}
+    _, report = make_backend(config, str(tmp_path)).generate(requests)
+    assert report.flagged == {"refusal": 1} and "recorded answers cannot be asked again" in caplog.text
+    with pytest.raises(GenerationError, match="1 of 2 LLM answers are not usable"):
+        make_backend(dict(config, llm_on_bad_answer="fail"), str(tmp_path)).generate(requests)
+
+
+def test_gate_settings_are_checked(tmp_path):
+    with pytest.raises(GenerationError, match="llm_on_bad_answer='maybe' is unknown"):
+        make_backend({"llm_backend": "replay", "llm_on_bad_answer": "maybe"}, str(tmp_path))
+    with pytest.raises(GenerationError, match="llm_repetition_penalty=1.2 is for llm_backend=hf"):
+        make_backend({"llm_backend": "openai", "llm_model": "m", "llm_repetition_penalty": 1.2}, str(tmp_path))
 
 
 def test_auth_error_aborts_the_run_without_leaking_the_key(server, tmp_path, monkeypatch, caplog):
@@ -394,6 +517,8 @@ def test_hf_backend_generates_in_batches_and_caches(tmp_path, template):
     assert set(answers) == {r.key for r in requests}
     assert all(isinstance(a, str) and 1 <= len(a.split()) <= 5 for a in answers.values())  # new tokens only
     assert (report.called, report.completion_tokens) == (5, 25) and report.prompt_tokens > 0
+    # Its end of turn is suppressed, so every answer runs to llm_max_tokens.
+    assert report.truncated == 5 and {r["finish_reason"] for r in cache_records(tmp_path / "cache")} == {"length"}
 
     again, report = make_backend(config, str(tmp_path / "cache")).generate(requests)
     assert again == answers and (report.cached, report.called) == (5, 0)

@@ -25,21 +25,36 @@ Config keys (all optional; a missing key or ``None`` means the default):
   llm_api_key_env    environment variable holding the API key           (default OPENAI_API_KEY)
                      The key is read from it, never logged or stored. When it is unset and the
                      endpoint is local (localhost / 127.x), the key "EMPTY" is used.
-  llm_concurrency    openai: parallel requests                            (default 8)
+  llm_concurrency    openai: parallel requests at most; fewer when the server says it has fewer
+                     slots (llama.cpp's /props), and halved each time requests time out waiting
+                     in a server's queue (a serial server)                (default 8)
   llm_timeout        openai: seconds per request                          (default 60)
   llm_max_retries    openai: retries per prompt on 429, 5xx, timeouts, connection errors and
                      malformed or empty answers; then the prompt fails     (default 5)
   llm_backoff        openai: base seconds of the exponential backoff (with jitter, capped at
                      60 s; a server's Retry-After is honoured)             (default 1.0)
-  llm_max_tokens     answer length limit                                  (default 512)
+  llm_max_tokens     answer length limit; an answer that hits it is recorded with
+                     finish_reason "length" and counted as truncated      (default 512)
   llm_temperature    0 means greedy / deterministic                       (default 0.0)
+  llm_repetition_penalty  hf: transformers' repetition_penalty (e.g. 1.2: small models loop
+                     without one); part of the cache key when set          (default none)
+  llm_on_bad_answer  what to do with an answer the gate (answer_quality.py) finds empty, a
+                     refusal, a loop or an echo of the prompt: keep (store it, counted and
+                     logged), retry (ask again up to llm_bad_answer_retries times at
+                     llm_bad_answer_temperature, then keep the last answer, flagged) or fail (stop
+                     with an error naming the requests; every answer stays cached) (default retry)
+  llm_bad_answer_retries       retry: extra asks per bad answer            (default 1)
+  llm_bad_answer_temperature   retry: sampling temperature of those asks (greedy decoding would
+                     say the same again)                                   (default 0.7)
   llm_system_prompt  optional system message sent before every prompt     (default none)
   llm_batch_size     hf: prompts per generate() batch                     (default 8)
   llm_replay_file    replay: the recorded JSONL file (required for replay)
   device             hf: a torch device or its name                        (default cpu)
 
-The model, the messages (system prompt included), max_tokens and temperature identify a cached
-answer; changing any of them asks again. The endpoint and the key do not.
+The model, the messages (system prompt included), max_tokens, temperature and (when set) the
+repetition penalty identify a cached answer; changing any of them asks again. The endpoint and the
+key do not. An endpoint that lists its models (GET /models) must list llm_model: a server that
+answers to any name (llama.cpp) would otherwise file its own model's answers under that name.
 """
 
 import json
@@ -49,14 +64,18 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
+from recbole_llmk.knowledge.answer_quality import VERDICTS, assess
 from recbole_llmk.knowledge.llm_cache import LLMCache, request_hash
+from recbole_llmk.knowledge.local_llm import load_causal_lm, model_identity
 
 BACKENDS = ("none", "openai", "hf", "replay")
+BAD_ANSWER_POLICIES = ("keep", "retry", "fail")
 MAX_BACKOFF = 60.0
 BATCH_URL = "/v1/chat/completions"
 # HTTP statuses that are the configuration's fault, not one prompt's: stop before paying for more.
@@ -95,12 +114,19 @@ class GenerationReport:
     completion_tokens: int = 0
     seconds: float = 0.0
     backend: str = ""
+    # ``truncated``: answers that hit llm_max_tokens; ``flagged``: {verdict: requests} whose answer
+    # the gate found bad (after any retries); ``bad_answer_retries``: asks made again for them.
+    truncated: int = 0
+    flagged: dict = field(default_factory=dict)
+    bad_answer_retries: int = 0
 
     def summary(self):
+        flagged = ", ".join(f"{count} {verdict}" for verdict, count in sorted(self.flagged.items())) or "none"
         return (f"LLM generation [{self.backend}]: {self.requested} requested, {self.cached} cached, "
                 f"{self.called} calls sent, {self.retries} retries, {self.failed} failed, "
                 f"tokens {self.prompt_tokens} prompt + {self.completion_tokens} completion, "
-                f"{self.seconds:.1f} s")
+                f"{self.seconds:.1f} s; {self.truncated} truncated at llm_max_tokens; bad answers: {flagged} "
+                f"({self.bad_answer_retries} asked again)")
 
 
 class _Tally:
@@ -141,6 +167,10 @@ class LLMSettings:
     backoff: float = 1.0
     max_tokens: int = 512
     temperature: float = 0.0
+    repetition_penalty: float = None
+    on_bad_answer: str = "retry"
+    bad_answer_retries: int = 1
+    bad_answer_temperature: float = 0.7
     system_prompt: str = None
     batch_size: int = 8
     replay_file: str = None
@@ -151,11 +181,14 @@ class LLMSettings:
         defaults = {f.name: f.default for f in fields(cls)}
         values = {name: _option(config, "device" if name == "device" else f"llm_{name}", default)
                   for name, default in defaults.items()}
-        for name in ("concurrency", "max_retries", "max_tokens", "batch_size"):
+        for name in ("concurrency", "max_retries", "max_tokens", "batch_size", "bad_answer_retries"):
             values[name] = int(values[name])
-        for name in ("timeout", "backoff", "temperature"):
+        for name in ("timeout", "backoff", "temperature", "bad_answer_temperature"):
             values[name] = float(values[name])
+        if values["repetition_penalty"] is not None:
+            values["repetition_penalty"] = float(values["repetition_penalty"])
         values["backend"] = str(values["backend"]).lower()
+        values["on_bad_answer"] = str(values["on_bad_answer"]).lower()
         settings = cls(**values)
         settings.validate()
         return settings
@@ -168,6 +201,15 @@ class LLMSettings:
                 raise GenerationError(f"llm_{name} must be at least 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0:
             raise GenerationError("llm_max_retries and llm_backoff must be >= 0 and llm_timeout > 0")
+        if self.on_bad_answer not in BAD_ANSWER_POLICIES:
+            raise GenerationError(f"llm_on_bad_answer={self.on_bad_answer!r} is unknown; choose one of "
+                                  f"{', '.join(BAD_ANSWER_POLICIES)}")
+        if self.bad_answer_retries < 0 or self.bad_answer_temperature < 0:
+            raise GenerationError("llm_bad_answer_retries and llm_bad_answer_temperature must be >= 0")
+        if self.repetition_penalty is not None and (self.repetition_penalty <= 0 or self.backend != "hf"):
+            raise GenerationError(
+                f"llm_repetition_penalty={self.repetition_penalty} is for llm_backend=hf and must be > 0 (1.0 is "
+                f"none); a server applies its own (llama.cpp: --repeat_penalty, on by default)")
 
     def require_model(self, what):
         if not self.model:
@@ -179,7 +221,12 @@ class LLMSettings:
         return system + [{"role": "user", "content": prompt}]
 
     def hash(self, backend, model, messages):
-        return request_hash(backend, model, messages, self.max_tokens, self.temperature)
+        return request_hash(backend, model, messages, self.max_tokens, self.temperature,
+                            repetition_penalty=self.repetition_penalty)
+
+    @property
+    def retry_temperature(self):
+        return max(self.temperature, self.bad_answer_temperature)
 
 
 def make_backend(config, cache_dir):
@@ -221,12 +268,23 @@ class NoneBackend:
 
 @dataclass
 class _Job:
-    """One distinct prompt to generate, and every request key waiting for its answer."""
+    """One distinct prompt to generate, and every request key waiting for its answer.
+
+    ``attempt`` 2 and up: asked again after a bad answer, at ``temperature`` (None: the
+    configured llm_temperature)."""
 
     hash: str
     messages: list
     prompt: str
     keys: list = field(default_factory=list)
+    attempt: int = 1
+    temperature: float = None
+
+    def record_fields(self, verdict=None):
+        """The cache record's optional fields for this job's answer (see llm_cache.py)."""
+        retried = self.attempt > 1
+        return {"verdict": verdict, "attempt": self.attempt if retried else None,
+                "temperature": self.temperature if retried else None}
 
 
 class _CachedBackend:
@@ -246,26 +304,53 @@ class _CachedBackend:
     def generate(self, requests):
         start = time.time()
         report = GenerationReport(requested=len(requests), backend=self.name)
-        answers, jobs = {}, {}
+        tally = _Tally(report)
+        jobs = {}
         for request in requests:
             messages = self.settings.messages(request.prompt)
             hash_ = self.settings.hash(self.name, self.model_id, messages)
-            cached = self.cache.get(hash_)
-            if cached is not None:
-                answers[request.key] = cached
-                report.cached += 1
-            else:
-                jobs.setdefault(hash_, _Job(hash_, messages, request.prompt)).keys.append(request.key)
-        failures = self._run(list(jobs.values()), _Tally(report)) if jobs else {}
+            jobs.setdefault(hash_, _Job(hash_, messages, request.prompt)).keys.append(request.key)
+        todo = [job for job in jobs.values() if self._wants_answer(job)]
+        report.cached = report.requested - sum(len(job.keys) for job in todo)
+        report.bad_answer_retries = sum(job.attempt > 1 for job in todo)  # bad answers cached by an earlier run
+        failures = {}
+        while todo:  # a first round, then one per retry of bad answers
+            failures.update(self._run(todo, tally))
+            todo = [job for job in todo if job.hash not in failures and self._wants_answer(job)]
+            report.bad_answer_retries += len(todo)
+        answers, flagged = {}, []
         for job in jobs.values():
-            answer = self.cache.get(job.hash)
-            if answer is not None:
-                answers.update(dict.fromkeys(job.keys, answer))
+            record = self.cache.record(job.hash)
+            if record is None:
+                continue
+            answers.update(dict.fromkeys(job.keys, record["response"]))
+            report.truncated += len(job.keys) * (record.get("finish_reason") == "length")
+            verdict = assess(record["response"], job.prompt)
+            if verdict:
+                flagged.append((job.keys, verdict, record["response"]))
         report.failed = sum(len(jobs[h].keys) for h in failures)
         report.seconds = round(time.time() - start, 3)
+        gate_answers(flagged, report, self.settings, f"the answer cache {self.cache.path}")
         if failures:
             raise self._failure_error(failures, jobs, answers, report)
         return answers, report
+
+    def _wants_answer(self, job):
+        """Whether ``job`` must be asked (again): no cached answer yet, or a bad one that the
+        ``retry`` policy may still ask again. Sets the job's attempt and temperature for it."""
+        record = self.cache.record(job.hash)
+        if record is None:
+            return True
+        attempt = int(record.get("attempt") or 1)
+        if self.settings.on_bad_answer != "retry" or attempt > self.settings.bad_answer_retries:
+            return False
+        if assess(record["response"], job.prompt) is None:
+            return False
+        job.attempt, job.temperature = attempt + 1, self.settings.retry_temperature
+        return True
+
+    def _temperature(self, job):
+        return self.settings.temperature if job.temperature is None else job.temperature
 
     def _run(self, jobs, tally):
         """Generate ``jobs``, caching each answer as it arrives; -> {hash: error} of failures."""
@@ -280,6 +365,40 @@ class _CachedBackend:
             f"(first: {jobs[first_hash].keys[0]}: {failures[first_hash]}). The {len(answers)} other answers "
             f"are cached in {self.cache.path}; rerunning sends only the {len(failures)} missing prompts.",
             report=report)
+
+
+def gate_answers(flagged, report, settings, where, can_ask_again=True):
+    """Count bad answers in ``report``, log a few, and stop under ``llm_on_bad_answer: fail``.
+
+    ``flagged``: ``[(request keys, verdict, answer)]`` as :func:`answer_quality.assess` judged
+    them; ``where``: where the answers stay (for the message); ``can_ask_again``: False for
+    recorded answers, which ``retry`` cannot replace."""
+    if not flagged:
+        return
+    counts = {verdict: 0 for verdict in VERDICTS}
+    for keys, verdict, _ in flagged:
+        counts[verdict] += len(keys)
+    report.flagged = {verdict: count for verdict, count in counts.items() if count}
+    total = sum(report.flagged.values())
+    what = ", ".join(f"{count} {verdict}" for verdict, count in report.flagged.items())
+    examples = "; ".join(f"{keys[0]} ({verdict}): {' '.join(answer.split())[:160]!r}"
+                         for keys, verdict, answer in flagged[:3])
+    message = (f"{total} of {report.requested} LLM answers are not usable knowledge ({what}; "
+               f"recbole_llmk/knowledge/answer_quality.py explains each), e.g. {examples}.")
+    policy = settings.on_bad_answer
+    if policy == "fail":
+        raise GenerationError(
+            f"{message} llm_on_bad_answer=fail: stopped before encoding them. Every answer stays in {where}; "
+            f"rerun with llm_on_bad_answer=retry (ask again at llm_bad_answer_temperature) or keep, or use "
+            f"another llm_model or prompt.", report=report)
+    if policy == "retry" and not can_ask_again:
+        action = "kept as knowledge: recorded answers cannot be asked again (llm_on_bad_answer=fail stops instead)"
+    elif policy == "retry":
+        action = (f"asked again up to {settings.bad_answer_retries} times (llm_bad_answer_retries) at temperature "
+                  f"{settings.retry_temperature:g}; these stayed bad and are kept as knowledge")
+    else:
+        action = "kept as knowledge (llm_on_bad_answer=keep; retry asks again, fail stops)"
+    logging.getLogger().warning(f"{message} They were {action}.")
 
 
 class _Malformed(Exception):
@@ -302,6 +421,15 @@ def _usage(response):
         return None
     return {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
             "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
+
+
+def _prompt_size(job, status):
+    """What a 400 needs to be understood: how long the prompt was (a local server's context is
+    often shorter than a long history)."""
+    if status != 400:
+        return ""
+    return (f" (the prompt has {len(job.prompt)} characters: if the server's context is shorter, lower "
+            f"history_length or raise the server's context size, e.g. llama.cpp --n_ctx)")
 
 
 def _retry_after(exc):
@@ -332,6 +460,44 @@ class _AbortRun(Exception):
     """A configuration error (auth, wrong endpoint/model): every further call would fail too."""
 
 
+class _InFlightLimit:
+    """How many requests may be in flight at once; halved when requests time out in a queue.
+
+    A serial server (llama-cpp-python's, one request at a time) answers N concurrent requests one
+    after the other, so the last ones time out while they wait, and the server still spends the
+    time on them. ``slot()`` hands out the limit's *round*: one burst of queue timeouts (all sent
+    under the same limit) halves the limit once, not once per request."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.round = 0
+        self._in_flight = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def slot(self):
+        """Wait for a free slot; yields (round, limit) as they were when it was taken."""
+        with self._cond:
+            while self._in_flight >= self.limit:
+                self._cond.wait()
+            self._in_flight += 1
+            taken = (self.round, self.limit)
+        try:
+            yield taken
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def shrink(self, round_):
+        """Halve the limit if ``round_`` is still current. -> the new limit, or None."""
+        with self._cond:
+            if round_ != self.round or self.limit == 1:
+                return None
+            self.limit, self.round = max(1, self.limit // 2), self.round + 1
+            return self.limit
+
+
 class OpenAIBackend(_CachedBackend):
     """Any OpenAI-compatible chat-completions endpoint, concurrent, with our own retries.
 
@@ -345,6 +511,7 @@ class OpenAIBackend(_CachedBackend):
         settings.require_model("the model name, e.g. gpt-3.5-turbo or the name a vLLM server serves")
         self._rng = random.Random()
         self._api_key = None
+        self._limit = None  # the in-flight limit, set on the first call from what the server says
 
     @property
     def endpoint(self):
@@ -376,8 +543,50 @@ class OpenAIBackend(_CachedBackend):
         return openai.OpenAI(base_url=self.settings.base_url, api_key=self._api_key,
                              timeout=self.settings.timeout, max_retries=0)
 
+    def _check_server(self, client):
+        """Once per run, before the first call: the model the endpoint lists must be llm_model
+        (-> error), and a server that says how many requests it runs at once (llama.cpp's /props
+        ``total_slots``) caps the in-flight limit. Endpoints that say neither are taken as they are."""
+        served = self._listed_models(client)
+        if served and self.model_id not in served and f"{self.model_id}:latest" not in served:
+            raise GenerationError(
+                f"The LLM endpoint {self.endpoint} serves {', '.join(sorted(served)[:5])}, not llm_model="
+                f"{self.model_id}. A server that answers to any model name (llama.cpp) would answer with its own "
+                f"model and the cache would file the answers under {self.model_id}: set llm_model to the name the "
+                f"server lists (llama.cpp: its --model_alias, or the model path).")
+        limit, slots = self.settings.concurrency, self._server_slots()
+        if slots and slots < limit:
+            logging.getLogger().info(f"LLM endpoint {self.endpoint} runs {slots} requests at once (/props "
+                                     f"total_slots): sending at most {slots} at a time (llm_concurrency={limit})")
+            limit = slots
+        self._limit = _InFlightLimit(limit)
+
+    def _listed_models(self, client):
+        try:
+            return {model.id for model in client.models.list()}
+        except Exception as exc:  # many endpoints list nothing; the calls themselves report real errors
+            logging.getLogger().debug(f"LLM endpoint {self.endpoint}: GET /models gave no list ({type(exc).__name__})")
+            return set()
+
+    def _server_slots(self):
+        """llama.cpp server's ``total_slots`` (GET <root>/props), or None."""
+        from urllib.request import urlopen
+
+        if not self.settings.base_url:
+            return None
+        root = str(self.settings.base_url).rstrip("/")
+        root = root[:-3] if root.endswith("/v1") else root
+        try:
+            with urlopen(f"{root}/props", timeout=min(5.0, self.settings.timeout)) as answer:
+                slots = json.loads(answer.read(1 << 20)).get("total_slots")
+        except Exception:  # not llama.cpp's server
+            return None
+        return int(slots) if isinstance(slots, int) and slots > 0 else None
+
     def _run(self, jobs, tally):
         client = self._client()
+        if self._limit is None:
+            self._check_server(client)
         stop = threading.Event()
         failures = {}
         bar = tqdm(total=len(jobs), desc=f"LLM {self.model_id}", unit="prompt")
@@ -401,48 +610,73 @@ class OpenAIBackend(_CachedBackend):
         return failures
 
     def _answer(self, client, job, tally, stop):
-        """Ask for one prompt with retries; cache the answer. -> None, or why it failed."""
+        """Ask for one prompt with retries; cache the answer. -> None, or why it failed.
+
+        A timeout of a request sent while several were in flight is the server's queue, not the
+        prompt: it halves the in-flight limit and does not use up the prompt's retries."""
         import openai
 
-        for attempt in range(self.settings.max_retries + 1):
+        attempt = 0
+        while True:
             if stop.is_set():
                 return "cancelled"
             tally.add(called=1)
-            wait = None
-            try:
-                response = client.chat.completions.create(
-                    model=self.model_id, messages=job.messages, max_tokens=self.settings.max_tokens,
-                    temperature=self.settings.temperature)
-                answer = _answer_text(response)
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                if status in ABORT_STATUSES:
-                    raise _AbortRun(self._abort_message(status, exc)) from None
-                error = self._redact(f"HTTP {status}: {exc.message}")[:300]
-                if not (status in (408, 429) or status >= 500):
-                    return error  # a 4xx like 400 will not change on retry
-                wait = _retry_after(exc)
-            except openai.APITimeoutError:
-                error = f"timed out after {self.settings.timeout:g} s"
-            except openai.APIConnectionError as exc:
-                error = self._redact(f"connection error: {exc}")[:300]
-            except (_Malformed, ValueError, openai.APIResponseValidationError) as exc:
-                error = self._redact(f"malformed answer: {exc}")[:300]
-            else:
-                usage = _usage(response)
-                self.cache.put(job.hash, job.keys[0], self.model_id, job.prompt, answer, usage)
-                if usage:
-                    tally.add(**usage)
-                return None
-            if attempt == self.settings.max_retries:
+            wait, queued = None, False
+            with self._limit.slot() as (round_, limit):
+                try:
+                    response = client.chat.completions.create(
+                        model=self.model_id, messages=job.messages, max_tokens=self.settings.max_tokens,
+                        temperature=self._temperature(job))
+                    answer = _answer_text(response)
+                except openai.APIStatusError as exc:
+                    status = exc.status_code
+                    if status in ABORT_STATUSES:
+                        raise _AbortRun(self._abort_message(status, exc)) from None
+                    error = self._redact(f"HTTP {status}: {exc.message}")[:300]
+                    if not (status in (408, 429) or status >= 500):
+                        return error + _prompt_size(job, status)  # a 4xx like 400 will not change on retry
+                    wait = _retry_after(exc)
+                except openai.APITimeoutError:
+                    error = f"timed out after {self.settings.timeout:g} s"
+                    queued = limit > 1
+                except openai.APIConnectionError as exc:
+                    error = self._redact(f"connection error: {exc}")[:300]
+                except (_Malformed, ValueError, openai.APIResponseValidationError) as exc:
+                    error = self._redact(f"malformed answer: {exc}")[:300]
+                else:
+                    self._keep(job, response, answer, tally)
+                    return None
+            if queued:  # resent without using up the prompt's retries
+                self._queue_timeout(round_, limit)
+            elif attempt == self.settings.max_retries:
                 return f"{error} (after {attempt} retries)"
+            else:
+                attempt += 1
             first_retry = tally.add(retries=1) == 1
             logging.getLogger().log(  # once visibly (rate limits are worth knowing about), then quietly
                 logging.WARNING if first_retry else logging.DEBUG,
                 f"LLM endpoint {self.endpoint}: {error} for {job.keys[0]}; retrying with backoff"
                 + (" (further retries are logged at debug level)" if first_retry else ""))
-            stop.wait(self._delay(attempt, wait))
-        raise AssertionError("the last attempt always returns")
+            stop.wait(self._delay(max(attempt - 1, 0), wait))
+
+    def _keep(self, job, response, answer, tally):
+        """Cache one answer with what the endpoint said of it."""
+        usage = _usage(response)
+        choice = response.choices[0]
+        self.cache.put(job.hash, job.keys[0], self.model_id, job.prompt, answer, usage,
+                       finish_reason=getattr(choice, "finish_reason", None),
+                       served_model=getattr(response, "model", None), **job.record_fields(assess(answer, job.prompt)))
+        if usage:
+            tally.add(**usage)
+
+    def _queue_timeout(self, round_, limit):
+        lowered = self._limit.shrink(round_)
+        if lowered:
+            logging.getLogger().warning(
+                f"LLM endpoint {self.endpoint}: requests time out after {self.settings.timeout:g} s while {limit} are "
+                f"in flight, so the server queues them (a serial server such as llama-cpp-python's answers one at a "
+                f"time): now sending at most {lowered} at once. Set llm_concurrency={lowered} (or raise llm_timeout) "
+                f"to start there.")
 
     def _delay(self, attempt, retry_after):
         """Exponential backoff with jitter (so concurrent workers don't retry in lockstep)."""
@@ -462,32 +696,36 @@ class OpenAIBackend(_CachedBackend):
 class HFBackend(_CachedBackend):
     """A local transformers causal LM, generating in batches (left-padded, new tokens only).
 
-    The model loads on the first prompt that is not cached, so a fully cached run never pays
-    for loading it."""
+    ``llm_model``: a transformers folder or a GGUF file (local_llm.py). An answer stops at the
+    model's end of turn (its generation config's eos tokens); one that reaches llm_max_tokens
+    first is recorded with finish_reason "length". The model loads on the first prompt that is
+    not cached, so a fully cached run never pays for loading it."""
 
     name = "hf"
 
     def __init__(self, settings, cache):
         super().__init__(settings, cache)
-        settings.require_model("a local transformers causal-LM folder")
+        settings.require_model("a local transformers causal-LM folder or a GGUF file")
         self._model = None
         self._tokenizer = None
+        try:
+            self._model_id = model_identity(settings.model)
+        except (OSError, ValueError) as exc:
+            raise GenerationError(f"llm_model={settings.model!r} (llm_backend=hf): {exc}") from exc
 
     @property
     def model_id(self):
-        return os.path.normpath(str(self.settings.model))
+        return self._model_id
 
     def _load(self):
         if self._model is not None:
             return
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = self.settings.model
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(path)
-        except (OSError, ValueError) as exc:
+            tokenizer, model = load_causal_lm(path)
+        except (OSError, ValueError, ImportError) as exc:
             raise GenerationError(f"llm_model={path!r} could not be loaded as a transformers causal LM "
                                   f"(llm_backend=hf): {exc}") from exc
         tokenizer.padding_side = "left"  # generation continues right after the prompt
@@ -495,6 +733,8 @@ class HFBackend(_CachedBackend):
             tokenizer.pad_token = tokenizer.eos_token
         self._device = torch.device(self.settings.device or "cpu")
         self._tokenizer, self._model = tokenizer, model.to(self._device).eval()
+        eos = model.generation_config.eos_token_id
+        self._end_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {None}
 
     def _render(self, messages):
         tokenizer = self._tokenizer
@@ -509,9 +749,10 @@ class HFBackend(_CachedBackend):
         with tqdm(total=len(jobs), desc=f"LLM {os.path.basename(self.model_id)}", unit="prompt") as bar:
             for begin in range(0, len(jobs), size):
                 batch = jobs[begin:begin + size]
-                for job, (answer, usage) in zip(batch, self._generate_batch(batch)):
-                    # Cached even when empty: greedy decoding would only say the same again.
-                    self.cache.put(job.hash, job.keys[0], self.model_id, job.prompt, answer, usage)
+                for job, (answer, usage, finish_reason) in zip(batch, self._generate_batch(batch)):
+                    # Cached even when empty: the answer gate decides whether to ask again.
+                    self.cache.put(job.hash, job.keys[0], self.model_id, job.prompt, answer, usage,
+                                   finish_reason=finish_reason, **job.record_fields(assess(answer, job.prompt)))
                     tally.add(called=1, **usage)
                     empty += not answer
                 bar.update(len(batch))
@@ -529,18 +770,23 @@ class HFBackend(_CachedBackend):
         # A chat template already holds the special tokens; adding them again would double BOS.
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
         encoded = {name: tensor.to(self._device) for name, tensor in encoded.items()}
+        temperature = self._temperature(batch[0])  # one round's jobs share it
         options = {"max_new_tokens": self.settings.max_tokens, "pad_token_id": tokenizer.pad_token_id,
-                   "do_sample": self.settings.temperature > 0}
+                   "do_sample": temperature > 0}
         if options["do_sample"]:
-            options["temperature"] = self.settings.temperature
+            options["temperature"] = temperature
+        if self.settings.repetition_penalty is not None:
+            options["repetition_penalty"] = self.settings.repetition_penalty
         with torch.no_grad():
             output = self._model.generate(**encoded, **options)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         prompt_counts = encoded["attention_mask"].sum(dim=1).tolist()
-        completion_counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
-        return [(answer.strip(), {"prompt_tokens": int(p), "completion_tokens": int(c)})
-                for answer, p, c in zip(answers, prompt_counts, completion_counts)]
+        ended = torch.isin(new_tokens, torch.tensor(sorted(self._end_ids), device=new_tokens.device))
+        # Tokens up to and including the end of turn (pad may equal eos, so count by position).
+        first_end = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, new_tokens.shape[1])
+        return [(answer.strip(), {"prompt_tokens": int(p), "completion_tokens": int(c)}, "stop" if done else "length")
+                for answer, p, c, done in zip(answers, prompt_counts, first_end.tolist(), ended.any(dim=1).tolist())]
 
 
 # --- replay -------------------------------------------------------------------------------------
@@ -608,6 +854,7 @@ class ReplayBackend:
     name = "replay"
 
     def __init__(self, settings):
+        self.settings = settings
         self.path = settings.replay_file
         self.recordings = load_recordings(self.path)
         self.model_id = str(settings.model or f"replay:{os.path.basename(self.path)}")
@@ -624,6 +871,9 @@ class ReplayBackend:
         answers = {r.key: self.recordings[r.prompt.strip()] for r in requests}
         report = GenerationReport(requested=len(requests), cached=len(requests), backend=self.name,
                                   seconds=round(time.time() - start, 3))
+        flagged = [([r.key], verdict, answers[r.key]) for r in requests
+                   for verdict in [assess(answers[r.key], r.prompt)] if verdict]
+        gate_answers(flagged, report, self.settings, self.path, can_ask_again=False)
         return answers, report
 
 
@@ -713,5 +963,8 @@ def _import_line(line, jobs, cache, model):
     usage = (response.get("body") or {}).get("usage") or None
     if usage:
         usage = {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0)}
-    cache.put(job.hash, job.keys[0], str(model), job.prompt, content.strip(), usage)
+    choices = (response.get("body") or {}).get("choices") or [{}]
+    finish_reason = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
+    cache.put(job.hash, job.keys[0], str(model), job.prompt, content.strip(), usage, finish_reason=finish_reason,
+              verdict=assess(content, job.prompt))
     return "imported", None

@@ -12,6 +12,11 @@ even under another id or in another run. Record fields::
 
     {"hash", "key", "model", "prompt", "response", "usage", "created"}
 
+plus, where known, ``finish_reason`` ("stop" or "length": the answer hit llm_max_tokens),
+``served_model`` (the model the endpoint says answered), ``verdict`` (what the answer gate found
+wrong with it, see answer_quality.py) and ``attempt`` (2 and up: asked again after a bad answer,
+at ``temperature``). A hash may have several records; the last one written is its answer.
+
 The API key and the endpoint URL are never written: neither is needed to reuse an answer.
 """
 
@@ -25,12 +30,15 @@ import time
 CACHE_FILE = "llm_cache.jsonl"
 
 
-def request_hash(backend, model, messages, max_tokens, temperature):
+def request_hash(backend, model, messages, max_tokens, temperature, **options):
     """sha256 of the canonical JSON of everything that determines an answer.
 
-    ``max_tokens``/``temperature`` are normalised (``0`` and ``0.0`` must hash alike)."""
+    ``max_tokens``/``temperature`` are normalised (``0`` and ``0.0`` must hash alike).
+    ``options``: further generation settings (e.g. ``repetition_penalty``); one that is None is
+    left out, so answers cached before an option existed keep their hash."""
     payload = {"backend": backend, "model": model, "messages": messages,
-               "max_tokens": int(max_tokens), "temperature": float(temperature)}
+               "max_tokens": int(max_tokens), "temperature": float(temperature),
+               **{name: value for name, value in options.items() if value is not None}}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -89,14 +97,21 @@ class LLMCache:
 
     def get(self, hash_):
         """The cached answer text for ``hash_``, or None."""
-        with self._lock:
-            record = self._records.get(hash_)
+        record = self.record(hash_)
         return None if record is None else record["response"]
 
-    def put(self, hash_, key, model, prompt, response, usage=None):
-        """Store one answer durably (written and fsynced before returning)."""
+    def record(self, hash_):
+        """The whole cached record for ``hash_`` (a copy), or None."""
+        with self._lock:
+            record = self._records.get(hash_)
+        return None if record is None else dict(record)
+
+    def put(self, hash_, key, model, prompt, response, usage=None, **extra):
+        """Store one answer durably (written and fsynced before returning). ``extra``: the
+        optional record fields of the module docstring; None values are left out."""
         record = {"hash": hash_, "key": key, "model": model, "prompt": prompt, "response": response,
-                  "usage": usage, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "usage": usage, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  **{name: value for name, value in extra.items() if value is not None}}
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             data = (b"\n" if self._needs_newline else b"") + line
