@@ -14,7 +14,8 @@ Fault injection (per test):
     without an answer until ``clear_hang()``/``stop()`` (it is then dropped, never answered), so a
     client can be killed while it waits.
 Faults: ``"429"``, ``"500"`` (or any other status code as a string, e.g. ``"401"``, ``"400"``),
-``"slow"`` (answers only after ``slow_seconds``, longer than the client's timeout), ``"malformed"``
+``"slow"`` (answers only after ``slow_seconds``, longer than the client's timeout), ``"drip"`` (headers at
+once, then the answer one byte every ``drip_seconds``: no single read ever waits long), ``"malformed"``
 (200 with a body that is not JSON), ``"empty"`` (200 with empty content), ``"no_choices"``, ``"refusal"`` (200 with :data:`REFUSAL`), ``"length"``
 (the normal answer with ``finish_reason: length``).
 A faulted request never counts as answered.
@@ -43,7 +44,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("slow", "malformed", "empty", "no_choices", "refusal", "length")
+FAULTS = ("slow", "drip", "malformed", "empty", "no_choices", "refusal", "length")
 REFUSAL = "I'm sorry, but I can't help with that request."
 
 
@@ -78,8 +79,9 @@ class LLMTestServer:
     """The server plus its fault script and counters; see the module docstring."""
 
     def __init__(self, host="127.0.0.1", port=0, hang_after=None, slow_seconds=2.0, serial_seconds=None,
-                 models=None, total_slots=None):
+                 models=None, total_slots=None, drip_seconds=0.3):
         self.slow_seconds = slow_seconds
+        self.drip_seconds = drip_seconds
         self.serial_seconds = serial_seconds
         self.models = models
         self.total_slots = total_slots
@@ -243,6 +245,8 @@ class LLMTestServer:
                 elif fault == "slow":
                     server._release.wait(server.slow_seconds)
                     self._send_json(200, completion_body(model, answer, prompt, number))
+                elif fault == "drip":
+                    self._drip(json.dumps(completion_body(model, answer, prompt, number)).encode())
                 elif fault == "malformed":
                     self._send_raw(200, b'{"id": "chatcmpl-broken", "choices": [{"mess')
                 elif fault == "refusal":
@@ -261,6 +265,20 @@ class LLMTestServer:
                 else:
                     status = int(fault)
                     self._send_json(status, error_body(status, f"injected fault {status}"))
+
+            def _drip(self, data):
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        if server._release.wait(server.drip_seconds):
+                            return
+                except OSError:  # the client gave up
+                    pass
 
             def _send_json(self, status, payload):
                 return self._send_raw(status, json.dumps(payload).encode())

@@ -92,12 +92,15 @@ def test_changing_the_system_prompt_asks_again(server, tmp_path):
     assert report.called == 3
 
 
-@pytest.mark.parametrize("fault", ["429", "500", "503", "slow", "malformed", "empty", "no_choices"])
+@pytest.mark.parametrize("fault", ["429", "500", "503", "slow", "drip", "malformed", "empty", "no_choices"])
 def test_transient_faults_are_retried(server, tmp_path, fault):
     server.add_faults(fault, fault)
     requests = make_requests(6)
-    # The slow fault answers after 2 s, well past this timeout.
+    # The slow fault answers after 2 s, well past this timeout; the drip fault sends a byte every
+    # 0.3 s (each read is quick, the whole answer takes a minute).
+    start = time.time()
     answers, report = make_backend(openai_config(server, llm_timeout=0.5), str(tmp_path)).generate(requests)
+    assert time.time() - start < 5
     assert answers == {r.key: answer_for(r.prompt) for r in requests}
     assert report.retries == 2 and report.failed == 0
     assert report.called == 6 + 2

@@ -28,7 +28,8 @@ Config keys (all optional; a missing key or ``None`` means the default):
   llm_concurrency    openai: parallel requests at most; fewer when the server says it has fewer
                      slots (llama.cpp's /props), and halved each time requests time out waiting
                      in a server's queue (a serial server)                (default 8)
-  llm_timeout        openai: seconds per request                          (default 60)
+  llm_timeout        openai: seconds per request, the whole answer included (a server that
+                     drips bytes cannot hold one longer)                   (default 60)
   llm_max_retries    openai: retries per prompt on 429, 5xx, timeouts, connection errors and
                      malformed or empty answers; then the prompt fails     (default 5)
   llm_max_consecutive_failures  openai: calls in a row that get no answer (connection errors,
@@ -75,6 +76,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm
 
 from recbole_llmk.knowledge.answer_quality import VERDICTS, assess
+from recbole_llmk.knowledge.deadline import http_client
 from recbole_llmk.knowledge.llm_cache import LLMCache, request_hash
 from recbole_llmk.knowledge.local_llm import load_causal_lm, model_identity
 
@@ -565,8 +567,10 @@ class OpenAIBackend(_CachedBackend):
         import openai
 
         self._api_key = self._resolve_api_key()
+        # llm_timeout bounds the whole answer, not only each wait for its next bytes (deadline.py).
+        client = http_client(self.settings.timeout, max_connections=2 * self.settings.concurrency)
         return openai.OpenAI(base_url=self.settings.base_url, api_key=self._api_key,
-                             timeout=self.settings.timeout, max_retries=0)
+                             timeout=self.settings.timeout, max_retries=0, http_client=client)
 
     def _check_server(self, client):
         """Once per run, before the first call: the model the endpoint lists must be llm_model
