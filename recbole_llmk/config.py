@@ -7,8 +7,13 @@ yaml and quick-start settings such as DIN's labeled AUC evaluation) < the plugin
 files < config dict < command line (``--key=value``), exactly as in RecBole.
 """
 
+import difflib
+import glob
+import logging
 import os
+import sys
 
+import yaml
 from recbole.config import Config
 
 from recbole_llmk.compat import check_stack
@@ -16,6 +21,30 @@ from recbole_llmk.metrics import register_metrics
 from recbole_llmk.utils import get_model
 
 PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
+# Settings with these prefixes are the plugin's: one that no property file defines is a typo.
+PLUGIN_PREFIXES = ("reki_", "reland_", "learn_", "llm_", "knowledge_", "hein_", "encoder_")
+
+
+def plugin_keys():
+    """Every setting the plugin's property files define (each has a default there)."""
+    keys = set()
+    for file in glob.glob(os.path.join(PROPERTIES, "**", "*.yaml"), recursive=True):
+        with open(file, encoding="utf-8") as f:
+            keys.update(yaml.safe_load(f) or {})
+    return keys
+
+
+def unknown_setting_warnings(names):
+    """A warning for each of ``names`` that has a plugin prefix and no default anywhere."""
+    known = plugin_keys()
+    warnings = []
+    for name in sorted(names):
+        if name.startswith(PLUGIN_PREFIXES) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            warnings.append(f"{name} is not a recbole-llmk setting and is ignored"
+                            + (f": did you mean {close[0]}?" if close else "")
+                            + " (every setting is in recbole_llmk/properties/)")
+    return warnings
 
 
 def plugin_property_files(model_name, technique, dataset):
@@ -33,6 +62,25 @@ class LLMKConfig(Config):
         check_stack()
         register_metrics()  # UAUC, WUAUC: RecBole checks metric names while building the config
         super().__init__(model, dataset, config_file_list, config_dict)
+        # Logged by quick_start once the run's log exists (RecBole's logger is set up after this).
+        self.startup_warnings = unknown_setting_warnings(self.external_config_dict)
+
+    def _load_cmd_line(self):
+        """RecBole's reader of ``--key=value``, but the value may hold "=" (a URL with a query):
+        RecBole drops such an argument, and the run would fall back to the default (OpenAI's own
+        endpoint, for ``--llm_base_url``)."""
+        values, unrecognized = {}, []
+        for arg in sys.argv[1:] if "ipykernel_launcher" not in sys.argv[0] else []:
+            name, has_value, value = arg[2:].partition("=")
+            if not arg.startswith("--") or not has_value or not name:
+                unrecognized.append(arg)
+                continue
+            if name in values and values[name] != value:
+                raise SyntaxError(f"There are duplicate command arg '{arg}' with different value.")
+            values[name] = value
+        if unrecognized:
+            logging.getLogger().warning(f"command line args [{' '.join(unrecognized)}] will not be used in RecBole")
+        return self._convert_config_dict(values)
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

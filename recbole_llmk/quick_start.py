@@ -13,6 +13,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_llmk.compat import make_run_folders, set_process_modes
 from recbole_llmk.config import LLMKConfig
+from recbole_llmk.logs import protect_logs
 from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
 
 
@@ -23,8 +24,11 @@ def prepare(model=None, dataset=None, config_file_list=None, config_dict=None):
     set_process_modes(config)
     make_run_folders(config)
     init_logger(config)
+    protect_logs(config)
     logger = logging.getLogger()
     logger.info(sys.argv)
+    for warning in config.startup_warnings:
+        logger.warning(warning)
     logger.info(config)
     dataset = create_dataset(config)
     logger.info(dataset)

@@ -27,7 +27,7 @@ Server shapes (constructor options), to play what real servers do:
   * ``total_slots=N``: GET /props answers ``{"total_slots": N}`` (llama.cpp's own server).
 
 Counters (thread-safe): ``received`` (all requests), ``answered`` (Counter prompt -> successful
-answers), ``answered_total``, ``temperatures`` (of every request received, in order),
+answers), ``answered_total``, ``temperatures`` and ``paths`` (of every request received, in order),
 ``max_in_flight`` (the most requests open at once).
 
 Use in-process as a context manager (``with LLMTestServer() as server: server.base_url``) or as a
@@ -94,6 +94,7 @@ class LLMTestServer:
         self._release = threading.Event()
         self.received = 0
         self.temperatures = []
+        self.paths = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.answered = collections.Counter()
@@ -211,7 +212,8 @@ class LLMTestServer:
                 return self._send_json(501, error_body(501, f"no GET route {self.path}"))
 
             def do_POST(self):
-                if not self.path.rstrip("/").endswith("/chat/completions"):
+                server.paths.append(self.path)
+                if not self.path.split("?")[0].rstrip("/").endswith("/chat/completions"):
                     return self._send_json(404, error_body(404, f"no route {self.path}"))
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))

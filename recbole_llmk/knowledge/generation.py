@@ -10,7 +10,8 @@ Backends (``llm_backend``):
   none     no LLM: each request's plain description is its knowledge text (the default, so that
            everything runs offline; the log says so).
   openai   any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, ...).
-  hf       a local transformers causal LM, batched, on ``config["device"]``.
+  hf       a local transformers causal LM (a model folder or a GGUF file: local_llm.py), batched,
+           on ``config["device"]``.
   replay   answers recorded earlier (a JSONL file); a prompt without a recording is an error.
 
 For large jobs, :func:`export_batch` writes the missing prompts as an OpenAI Batch API /
@@ -20,7 +21,7 @@ For large jobs, :func:`export_batch` writes the missing prompts as an OpenAI Bat
 Config keys (all optional; a missing key or ``None`` means the default):
   llm_backend        none | openai | hf | replay                           (default none)
   llm_model          openai: the model name, e.g. gpt-3.5-turbo (required);
-                     hf: a local transformers model folder (required); replay: only a label
+                     hf: a local transformers model folder or GGUF file (required); replay: only a label
   llm_base_url       openai: endpoint, e.g. http://localhost:8000/v1 (default: OpenAI's own)
   llm_api_key_env    environment variable holding the API key           (default OPENAI_API_KEY)
                      The key is read from it, never logged or stored. When it is unset and the
@@ -71,7 +72,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from tqdm import tqdm
 
@@ -79,6 +80,7 @@ from recbole_llmk.knowledge.answer_quality import VERDICTS, assess
 from recbole_llmk.knowledge.deadline import http_client
 from recbole_llmk.knowledge.llm_cache import LLMCache, request_hash
 from recbole_llmk.knowledge.local_llm import load_causal_lm, model_identity
+from recbole_llmk.logs import public_url, redact, url_secrets
 
 BACKENDS = ("none", "openai", "hf", "replay")
 BAD_ANSWER_POLICIES = ("keep", "retry", "fail")
@@ -448,17 +450,6 @@ def _retry_after(exc):
         return None
 
 
-def _public_url(url):
-    """``url`` without user:password or query (either may carry a credential)."""
-    if not url:
-        return "https://api.openai.com/v1 (the openai default)"
-    parts = urlsplit(str(url))
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host  # IPv6
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def _is_local(url):
     host = (urlsplit(str(url)).hostname or "") if url else ""
     return host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")
@@ -542,7 +533,7 @@ class OpenAIBackend(_CachedBackend):
 
     @property
     def endpoint(self):
-        return _public_url(self.settings.base_url)
+        return public_url(self.settings.base_url)
 
     def _resolve_api_key(self):
         """The key from ``llm_api_key_env``; read only when a call is needed, so cached runs and
@@ -558,10 +549,11 @@ class OpenAIBackend(_CachedBackend):
             f"(or name another variable with llm_api_key_env).")
 
     def _redact(self, text):
+        secrets = url_secrets(self.settings.base_url)
         key = self._api_key
         if key and key != "EMPTY" and len(key) >= 4:
-            text = text.replace(key, "***")
-        return text
+            secrets[key] = "***"
+        return redact(text, secrets)
 
     def _client(self):
         import openai
@@ -569,7 +561,13 @@ class OpenAIBackend(_CachedBackend):
         self._api_key = self._resolve_api_key()
         # llm_timeout bounds the whole answer, not only each wait for its next bytes (deadline.py).
         client = http_client(self.settings.timeout, max_connections=2 * self.settings.concurrency)
-        return openai.OpenAI(base_url=self.settings.base_url, api_key=self._api_key,
+        # A query in the URL (e.g. Azure-style ?api-key=...) goes with every request, after the path
+        # the SDK appends (given in base_url, the SDK would put the path after the query).
+        base_url, query = self.settings.base_url, None
+        if base_url and urlsplit(str(base_url)).query:
+            parts = urlsplit(str(base_url))
+            base_url, query = parts._replace(query="").geturl(), dict(parse_qsl(parts.query))
+        return openai.OpenAI(base_url=base_url, api_key=self._api_key, default_query=query,
                              timeout=self.settings.timeout, max_retries=0, http_client=client)
 
     def _check_server(self, client):

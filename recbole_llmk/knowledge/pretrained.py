@@ -82,8 +82,10 @@ def train_on_split(config, frame, model, overrides=None):
     build_knowledge(m_config, train_data)
     init_seed(m_config["seed"], m_config["reproducibility"])
     net = m_config.model_class(m_config, train_data._dataset).to(m_config["device"])
-    logging.getLogger().info(f"training {m_config['model']} for {m_config['epochs']} epochs on the training split "
-                             "(no validation)")
+    logging.getLogger().info(
+        f"training {m_config['model']} for {m_config['epochs']} epochs on the training split (no validation), "
+        f"for the knowledge; its epochs are the technique's own setting (reki_cluster_model_epochs, "
+        f"reland_behaviour_epochs, learn_features_epochs), not --epochs={config['epochs']}")
     get_trainer(m_config)(m_config, net).fit(train_data, None, saved=False, show_progress=m_config["show_progress"])
     net.eval()
     return m_config, dataset, train_data, net
