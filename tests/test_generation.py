@@ -372,6 +372,32 @@ def test_kill_9_then_resume_sends_no_prompt_twice(tmp_path):
         assert [server.answered[r.prompt] for r in requests] == [1] * total
 
 
+TWIN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_generation import make_requests
+from recbole_llmk.knowledge.generation import make_backend
+config = json.loads(sys.argv[1])
+answers, report = make_backend(config, sys.argv[2]).generate(make_requests(24))
+print(json.dumps({{"answers": len(answers), "called": report.called, "cached": report.cached}}))
+"""
+
+
+def test_two_processes_sharing_a_cache_never_pay_twice(tmp_path):
+    """Two runs on one knowledge_dir (e.g. two store settings of a grid) started together ask the
+    same 24 prompts: each prompt is sent once; the other process waits for it and reads it."""
+    with LLMTestServer(serial_seconds=0.03) as server:
+        config = json.dumps(openai_config(server, llm_concurrency=4))
+        script = TWIN.format(tests=str(Path(__file__).resolve().parent))
+        runs = [subprocess.Popen([sys.executable, "-c", script, config, str(tmp_path)], stdout=subprocess.PIPE,
+                                 text=True, cwd=REPO) for _ in range(2)]
+        results = [json.loads(run.communicate(timeout=120)[0].strip().splitlines()[-1]) for run in runs]
+        assert server.received == 24 and server.answered_total == 24
+    assert [r["answers"] for r in results] == [24, 24]
+    assert sum(r["called"] for r in results) == 24 and sum(r["cached"] for r in results) == 24
+    assert len(cache_lines(tmp_path)) == 24
+
+
 def test_a_truncated_last_cache_line_is_skipped_and_appends_stay_readable(tmp_path, caplog):
     cache = LLMCache(str(tmp_path))
     cache.put("h1", "user:1", "m", "p1", "r1")

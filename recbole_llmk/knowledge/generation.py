@@ -315,6 +315,7 @@ class _CachedBackend:
         start = time.time()
         report = GenerationReport(requested=len(requests), backend=self.name)
         tally = _Tally(report)
+        self.cache.refresh()  # what other processes sharing the cache answered since it was opened
         jobs = {}
         for request in requests:
             messages = self.settings.messages(request.prompt)
@@ -357,6 +358,15 @@ class _CachedBackend:
         if assess(record["response"], job.prompt) is None:
             return False
         job.attempt, job.temperature = attempt + 1, self.settings.retry_temperature
+        return True
+
+    def _answered_elsewhere(self, job, tally):
+        """Under the job's claim: whether another process sharing the cache answered it (this
+        attempt) while this one waited; its answer then counts as cached."""
+        record = self.cache.record(job.hash)
+        if record is None or int(record.get("attempt") or 1) < job.attempt:
+            return False
+        tally.add(cached=len(job.keys))
         return True
 
     def _temperature(self, job):
@@ -638,7 +648,15 @@ class OpenAIBackend(_CachedBackend):
         return failures
 
     def _answer(self, client, job, tally, stop):
-        """Ask for one prompt with retries; cache the answer. -> None, or why it failed.
+        """Ask for one prompt under its claim, unless another process answered it meanwhile.
+        -> None, or why it failed."""
+        with self.cache.claim(job.hash):
+            if self._answered_elsewhere(job, tally):
+                return None
+            return self._ask(client, job, tally, stop)
+
+    def _ask(self, client, job, tally, stop):
+        """Ask with retries; cache the answer. -> None, or why it failed.
 
         A timeout of a request sent while several were in flight is the server's queue, not the
         prompt: it halves the in-flight limit and does not use up the prompt's retries."""
@@ -786,14 +804,15 @@ class HFBackend(_CachedBackend):
         size, empty = self.settings.batch_size, 0
         with tqdm(total=len(jobs), desc=f"LLM {os.path.basename(self.model_id)}", unit="prompt") as bar:
             for begin in range(0, len(jobs), size):
-                batch = jobs[begin:begin + size]
-                for job, (answer, usage, finish_reason) in zip(batch, self._generate_batch(batch)):
-                    # Cached even when empty: the answer gate decides whether to ask again.
-                    self.cache.put(job.hash, job.keys[0], self.model_id, job.prompt, answer, usage,
-                                   finish_reason=finish_reason, **job.record_fields(assess(answer, job.prompt)))
-                    tally.add(called=1, **usage)
-                    empty += not answer
-                bar.update(len(batch))
+                with self.cache.claim(*(job.hash for job in jobs[begin:begin + size])):
+                    batch = [job for job in jobs[begin:begin + size] if not self._answered_elsewhere(job, tally)]
+                    for job, (answer, usage, finish_reason) in zip(batch, self._generate_batch(batch) if batch else []):
+                        # Cached even when empty: the answer gate decides whether to ask again.
+                        self.cache.put(job.hash, job.keys[0], self.model_id, job.prompt, answer, usage,
+                                       finish_reason=finish_reason, **job.record_fields(assess(answer, job.prompt)))
+                        tally.add(called=1, **usage)
+                        empty += not answer
+                bar.update(min(size, len(jobs) - begin))
         if empty:
             logging.getLogger().warning(f"{empty} of {len(jobs)} answers of {self.model_id} are empty; check that "
                                         f"it is an instruction-tuned model and that llm_max_tokens is large enough")

@@ -18,14 +18,23 @@ wrong with it, see answer_quality.py) and ``attempt`` (2 and up: asked again aft
 at ``temperature``). A hash may have several records; the last one written is its answer.
 
 The API key and the endpoint URL are never written: neither is needed to reuse an answer.
+
+Several processes may share one cache (runs of a grid on one ``knowledge_dir``). Each reads the
+file once when it opens it, so before asking for a prompt a backend takes the prompt's claim
+(:meth:`LLMCache.claim`: an exclusive lock on one of 256 files in ``claims/``, by hash) and
+reads what others appended since (:meth:`LLMCache.refresh`): a prompt another process is asking
+is waited for, then found, never paid twice. A claim ends with its process, so a killed run
+blocks nobody.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 
 CACHE_FILE = "llm_cache.jsonl"
 
@@ -54,6 +63,8 @@ class LLMCache:
         self._lock = threading.Lock()
         self._records = {}
         self._needs_newline = False
+        self._offset = 0  # bytes of the file read so far (whole lines)
+        self._claims = os.path.join(cache_dir, "claims")
         self._load()
 
     def _load(self):
@@ -61,6 +72,7 @@ class LLMCache:
             return
         with open(self.path, "rb") as f:
             data = f.read()
+        self._offset = len(data)
         # A kill mid-write leaves no final newline; the next append must not glue onto it.
         self._needs_newline = bool(data) and not data.endswith(b"\n")
         lines = data.split(b"\n")
@@ -86,6 +98,34 @@ class LLMCache:
                 or not isinstance(record.get("response"), str):
             return None
         return record
+
+    def refresh(self):
+        """Read the records other processes appended since this cache last read the file."""
+        with self._lock:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            whole = data[:data.rfind(b"\n") + 1]  # a line still being written is read next time
+            self._offset += len(whole)
+            for line in whole.split(b"\n"):
+                record = self._parse(line) if line.strip() else None
+                if record is not None:
+                    self._records[record["hash"]] = record
+
+    @contextmanager
+    def claim(self, *hashes):
+        """Hold the claims of ``hashes`` (other processes asking the same prompts wait) and read
+        what was appended meanwhile; the caller then asks only what is still missing."""
+        os.makedirs(self._claims, exist_ok=True)
+        with ExitStack() as stack:
+            for bucket in sorted({h[:2] for h in hashes}):  # one order everywhere: no deadlock
+                handle = stack.enter_context(open(os.path.join(self._claims, f"{bucket}.lock"), "w"))
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            self.refresh()
+            yield
 
     def __len__(self):
         with self._lock:
@@ -126,3 +166,5 @@ class LLMCache:
                 os.close(fd)
             self._needs_newline = False
             self._records[hash_] = record
+            if self._offset == os.path.getsize(self.path) - len(data):
+                self._offset += len(data)  # nothing else was appended meanwhile
