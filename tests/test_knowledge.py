@@ -131,8 +131,32 @@ def test_a_cluster_s_knowledge_is_stored_once_and_read_per_member(tiny_config, w
     assert np.array_equal(table[[dataset.field2token_id[uid][t] for t in tokens]], vectors)
     assert np.allclose(table[dataset.field2token_id[uid][dataset.field2id_token[uid][13]]], vectors.mean(0))
     np.save(workdir / "store" / "user.rows.npy", np.arange(12, dtype=np.int32))  # rows past the 4 vectors
-    with pytest.raises(KnowledgeStoreError, match="damaged: 'user' has 12 tokens, 12 rows and 4 vectors"):
+    with pytest.raises(KnowledgeStoreError, match="user.rows.npy is damaged .*'user' has 12 tokens, 12 rows and 4 vectors"):
         store.vectors("user")
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("user.vectors.npy", "truncate"), ("user.rows.npy", "truncate"), ("user.tokens.json", "truncate"),
+    ("meta.json", "truncate"), ("user.texts.jsonl", "garble"), ("user.vectors.npy", "remove")])
+def test_a_damaged_store_file_is_named_with_the_fix(workdir, name, damage):
+    """A kill of another tool, a full disk, a bad copy: the error names the file and how to rebuild,
+    not numpy's 'cannot reshape array' or json's bare JSONDecodeError."""
+    vectors = np.arange(30 * 8, dtype=np.float32).reshape(30, 8)
+    KnowledgeStore.write(str(workdir / "store"), {"dataset": "tiny"},
+                         {"user": ([str(i) for i in range(30)], vectors, [f"text {i}" for i in range(30)])})
+    path = workdir / "store" / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) * 2 // 3])
+    elif damage == "garble":
+        path.write_bytes(b"\xff\xfe{not json\n")
+    else:
+        path.unlink()
+    with pytest.raises(KnowledgeStoreError) as info:
+        store = KnowledgeStore.open(str(workdir / "store"))
+        store.vectors("user")
+        store.texts("user")
+    assert f"knowledge store file {path} is damaged or unreadable" in str(info.value)
+    assert "--knowledge_rebuild=True" in str(info.value)
 
 
 def test_a_store_written_one_row_per_token_is_still_read(tiny_config, workdir):

@@ -62,8 +62,10 @@ class KnowledgeStore:
         if not path or not os.path.isfile(meta_file):
             raise KnowledgeStoreError(f"no knowledge store at '{path}' ({cls.META} missing). Build it with "
                                       "run_recbole_llmk.py --run=knowledge, or run the model to build it.")
-        with open(meta_file, encoding="utf-8") as f:
-            return cls(path, json.load(f))
+        meta = _read(path, cls.META, _json)
+        if not isinstance(meta, dict):
+            raise _damaged(path, cls.META, "not a JSON object")
+        return cls(path, meta)
 
     @staticmethod
     def exists(path):
@@ -86,24 +88,24 @@ class KnowledgeStore:
 
     def texts(self, kind):
         """``{token: text}``."""
-        with open(os.path.join(self.path, f"{kind}.texts.jsonl"), encoding="utf-8") as f:
-            records = [json.loads(line) for line in f]
+        records = _read(self.path, f"{kind}.texts.jsonl", _json_lines)
         return {token: r["text"] for r in records for token in r.get("tokens", [r.get("token")])}
 
     def _rows(self, kind):
         if kind not in self.meta.get("kinds", []):
             raise KnowledgeStoreError(f"knowledge store {self.path} has no '{kind}' knowledge "
                                       f"(it has {self.meta.get('kinds')})")
-        with open(os.path.join(self.path, f"{kind}.tokens.json"), encoding="utf-8") as f:
-            tokens = json.load(f)
-        rows_file = os.path.join(self.path, f"{kind}.rows.npy")
-        if not os.path.isfile(rows_file):  # a store from before deduplication: one row per token
-            return tokens, np.arange(len(tokens)), np.load(os.path.join(self.path, f"{kind}.npy"))
-        rows = np.load(rows_file, allow_pickle=False)
-        distinct = np.load(os.path.join(self.path, f"{kind}.vectors.npy"), allow_pickle=False)
-        if len(rows) != len(tokens) or (len(rows) and rows.max() >= len(distinct)):
-            raise KnowledgeStoreError(f"knowledge store {self.path} is damaged: '{kind}' has {len(tokens)} tokens, "
-                                      f"{len(rows)} rows and {len(distinct)} vectors. Delete the folder to rebuild it.")
+        tokens = _read(self.path, f"{kind}.tokens.json", _json)
+        if not os.path.isfile(os.path.join(self.path, f"{kind}.rows.npy")):  # from before deduplication
+            return tokens, np.arange(len(tokens)), _read(self.path, f"{kind}.npy", _array)
+        rows = _read(self.path, f"{kind}.rows.npy", _array)
+        distinct = _read(self.path, f"{kind}.vectors.npy", _array)
+        dim = self.meta.get("dims", {}).get(kind)
+        if distinct.ndim != 2 or (dim is not None and distinct.shape[1] != dim):
+            raise _damaged(self.path, f"{kind}.vectors.npy", f"shape {distinct.shape}, {self.META} says {dim} dims")
+        if len(rows) != len(tokens) or (len(rows) and (rows.max() >= len(distinct) or rows.min() < 0)):
+            raise _damaged(self.path, f"{kind}.rows.npy", f"'{kind}' has {len(tokens)} tokens, {len(rows)} rows "
+                                                          f"and {len(distinct)} vectors")
         return tokens, rows, distinct
 
     def aligned(self, kind, dataset, field, default="mean"):
@@ -130,6 +132,35 @@ class KnowledgeStore:
             f"covered, {cold} get the {default} default vector"
             + (f", {int((~known).sum())} stored tokens not in this dataset" if (~known).any() else ""))
         return table
+
+
+def _json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _json_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _array(path):
+    return np.load(path, allow_pickle=False)
+
+
+def _damaged(folder, name, why):
+    return KnowledgeStoreError(
+        f"knowledge store file {os.path.join(folder, name)} is damaged or unreadable ({why}). Rebuild the store: "
+        f"rerun with --knowledge_rebuild=True (or delete the folder {folder}).")
+
+
+def _read(folder, name, reader):
+    """``reader(<folder>/<name>)``; a missing, truncated or corrupt file is a KnowledgeStoreError
+    that names it and how to rebuild the store (not numpy's or json's own message alone)."""
+    try:
+        return reader(os.path.join(folder, name))
+    except (OSError, ValueError, EOFError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise _damaged(folder, name, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _write_kind(folder, kind, tokens, vectors, texts):
