@@ -1,7 +1,7 @@
 """Every runtime fix that lets RecBole 1.2.1 run on today's Python stack, in one place.
 
 The version pins that go with these fixes are in ``setup.cfg`` (numpy<2, pandas<3, scipy<1.13,
-torch==2.13.0). Nothing here edits RecBole's files; each fix wraps or subclasses.
+torch>=2.11,<2.14). Nothing here edits RecBole's files; each fix wraps or subclasses.
 
 - ``recbole.quick_start`` imports ray, and ray 2.6.3 imports ``pkg_resources`` (gone from recent
   setuptools). The plugin never imports ``recbole.quick_start``: its own quick start wraps
