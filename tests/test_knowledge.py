@@ -278,3 +278,36 @@ def test_a_kind_nobody_has_is_stored_empty_and_aligned_to_defaults(tiny_config):
     table = store.aligned("user_positive", dataset, dataset.uid_field)
     assert table.shape == (dataset.user_num, 16) and not table.any()
     assert store.aligned("item", dataset, dataset.iid_field).any()
+
+
+def bare_dataset(workdir):
+    """Only an .inter file (ids, ratings, times): no user or item text at all."""
+    folder = workdir / "data" / "bare"
+    folder.mkdir()
+    (folder / "bare.inter").write_text((workdir / "data" / "tiny" / "tiny.inter").read_text())
+    return "bare"
+
+
+def test_a_dataset_without_text_says_so_and_reads_well(tiny_config, workdir, caplog):
+    from recbole_llmk.knowledge.descriptions import MissingTextError
+    from recbole_llmk.quick_start import run_recbole_llmk
+
+    config = dict(tiny_config, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]})
+    built = run_recbole_llmk("DeepFM_REKI", bare_dataset(workdir), config_dict=config, run="knowledge")
+    assert "bare: no item text (there is no " in caplog.text and "item knowledge carries no content" in caplog.text
+    assert "bare: no user text" in caplog.text
+    texts = KnowledgeStore.open(built["knowledge_store"]).texts("user")
+    assert all(t.startswith("A user who is known only by their history.") for t in texts.values())
+    assert not any("who is a user" in t for t in texts.values())
+    with pytest.raises(MissingTextError, match="knowledge_missing_text=error stops here"):
+        run_recbole_llmk("DeepFM_REKI", "bare", config_dict=dict(config, knowledge_missing_text="error",
+                                                                 knowledge_rebuild=True), run="knowledge")
+
+
+def test_an_atomic_header_without_types_is_refused_by_name(tiny_config, workdir):
+    item_file = workdir / "data" / "tiny" / "tiny.item"
+    lines = item_file.read_text().splitlines()
+    item_file.write_text("\n".join(["item_id\ttitle\tyear\tgenre"] + lines[1:]) + "\n")
+    config, _, _, _, _ = prepare("DeepFM", "tiny", config_dict=dict(tiny_config, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]}))
+    with pytest.raises(ValueError, match=r"tiny.item: header fields \['item_id', 'title', 'year', 'genre'\] have no type"):
+        Describer(config).describe("item")

@@ -7,6 +7,7 @@ yaml given as ``dataset_hook``) says how fields read as text; without one, every
 token_seq field is listed as ``field: value``.
 """
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,13 @@ import yaml
 
 HOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset_hooks")
 TEXT_TYPES = ("token", "token_seq")
+# A user the data gives no profile for (no .user file, or no row): what prompts and texts say.
+NO_PROFILE = "known only by their history"
+MISSING_TEXT_POLICIES = ("warn", "error")
+
+
+class MissingTextError(ValueError):
+    """The dataset gives no text for users or items (knowledge_missing_text: error)."""
 
 
 @dataclass
@@ -59,6 +67,10 @@ def read_atomic(path, field_separator="\t"):
     for column in frame.columns:
         name, _, ftype = column.partition(":")
         types[name] = ftype
+    untyped = [name for name, ftype in types.items() if not ftype]
+    if untyped:
+        raise ValueError(f"{path}: header fields {untyped} have no type; RecBole's atomic files name each "
+                         f"field name:type (token, token_seq, float, float_seq), e.g. title:token_seq")
     frame.columns = list(types)
     return frame, types
 
@@ -74,6 +86,10 @@ class Describer:
         self.dataset = config["dataset"]
         self.id_fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"]}
         self.rating_field = config["RATING_FIELD"]
+        self.missing_text = str(config["knowledge_missing_text"] or "warn").lower()
+        if self.missing_text not in MISSING_TEXT_POLICIES:
+            raise ValueError(f"knowledge_missing_text={self.missing_text!r}: choose one of {MISSING_TEXT_POLICIES}")
+        self._described = {}
 
     def _atomic_path(self, kind):
         return os.path.join(self.data_path, f"{self.dataset}.{kind}")
@@ -91,9 +107,16 @@ class Describer:
         return "; ".join(f"{n}: {self._value(n, row[n])}" for n in names if row[n] != "")
 
     def describe(self, kind):
-        """``{token: text}`` for ``kind`` in (user, item); empty when the dataset has no such file."""
+        """``{token: text}`` for ``kind`` in (user, item); empty when the dataset has no such file
+        (said once, as a warning or an error: ``knowledge_missing_text``)."""
+        if kind not in self._described:
+            self._described[kind] = self._read_descriptions(kind)
+        return self._described[kind]
+
+    def _read_descriptions(self, kind):
         path = self._atomic_path(kind)
         if not os.path.isfile(path):
+            self._no_text(kind, f"there is no {path}")
             return {}
         frame, types = read_atomic(path, self.field_separator)
         id_field = self.id_fields[kind]
@@ -106,7 +129,21 @@ class Describer:
             raise ValueError(f"{kind}_template of the dataset hook uses fields {missing} "
                              f"that {path} does not have (it has {list(frame.columns)})")
         names = _placeholders(template) or names
+        if not names:
+            self._no_text(kind, f"{path} has no token or token_seq field besides {id_field}")
+            return {}
         return {row[id_field]: self._render(template, row, names) for _, row in frame.iterrows()}
+
+    def _no_text(self, kind, why):
+        """A dataset without text for ``kind``: its knowledge can only name ids and history."""
+        what = (f"every {self.hook.item_noun} is named only by its id ('{self.hook.item_noun} 42'), so item "
+                f"knowledge carries no content" if kind == "item" else
+                f"every {self.hook.user_noun} is {NO_PROFILE}")
+        message = (f"{self.dataset}: no {kind} text ({why}): {what}. Give the {kind}s text fields in the "
+                   f".{kind} atomic file (or a dataset hook: dataset_hook); knowledge_missing_text=error stops here.")
+        if self.missing_text == "error":
+            raise MissingTextError(message)
+        logging.getLogger().warning(message)
 
     def history_text(self, rows, items):
         """One line per interaction of ``rows`` (oldest first), with its rating when known."""
@@ -131,7 +168,7 @@ class Describer:
         profiles = self.describe("user")
         histories = recent_histories(frame, length)
         empty = frame.iloc[:0]
-        return {u: (profiles.get(u) or f"a {self.hook.user_noun}", self.history_text(histories.get(u, empty), items))
+        return {u: (profiles.get(u) or NO_PROFILE, self.history_text(histories.get(u, empty), items))
                 for u in users}
 
     def user_text(self, profile, history):
