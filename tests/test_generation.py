@@ -489,8 +489,10 @@ def test_replay_miss_says_what_is_missing(tmp_path):
     backend = make_backend({"llm_backend": "replay", "llm_replay_file": str(recording)}, str(tmp_path))
     with pytest.raises(GenerationError, match=r"2 of 3 prompts.*recorded.jsonl.*item:2.*unknown prompt text"):
         backend.generate(requests)
-    with pytest.raises(GenerationError, match="llm_replay_file"):
+    with pytest.raises(GenerationError, match="llm_replay_file to name a recorded JSONL file; it is not set"):
         make_backend({"llm_backend": "replay"}, str(tmp_path))
+    with pytest.raises(GenerationError, match=r"it names '.*answrs.jsonl', which does not exist"):
+        make_backend({"llm_backend": "replay", "llm_replay_file": str(tmp_path / "answrs.jsonl")}, str(tmp_path))
 
 
 # --- batch export / import ----------------------------------------------------------------------

@@ -245,3 +245,13 @@ def test_release_without_titles_refuses_title_based_transfer():
     release.movies_dat = None
     with pytest.raises(ReleaseError, match="movies.dat"):
         item_clusters_for({"a": "1"}, release)
+
+
+def test_a_title_field_of_another_name_points_at_the_setting(tmp_path):
+    from recbole_llmk.techniques.reki_release import ReleaseError, read_recbole_titles
+
+    item_file = tmp_path / "mine.item"
+    item_file.write_text("item_id:token\tname:token_seq\tyear:token\n1\tToy Story\t1995\n")
+    with pytest.raises(ReleaseError, match=r"no field 'movie_title'.*reki_release_title_fields: \[<title field>"):
+        read_recbole_titles(str(item_file))
+    assert read_recbole_titles(str(item_file), "name", "year") == {"1": ("Toy Story", 1995)}

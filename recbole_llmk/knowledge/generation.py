@@ -881,9 +881,11 @@ def load_recordings(path):
     """{stripped prompt: response} from a JSONL recording (cache files and OpenAI-style records
     included); unreadable lines are skipped with one warning."""
     if not path or not os.path.isfile(path):
-        raise GenerationError(f"llm_backend=replay needs llm_replay_file to name a recorded JSONL file; "
-                              f"got {path!r}. Record answers first (the openai or hf backend's "
-                              f"llm_cache.jsonl can be replayed as is).")
+        what = "is not set" if not path else f"names {path!r}, which " + (
+            "is a folder" if os.path.isdir(path) else "does not exist")
+        raise GenerationError(f"llm_backend=replay needs llm_replay_file to name a recorded JSONL file; it {what}. "
+                              f"Record answers first (the openai or hf backend's llm_cache.jsonl can be replayed "
+                              f"as is).")
     recordings, bad = {}, []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):

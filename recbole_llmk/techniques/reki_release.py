@@ -301,12 +301,19 @@ def _unique(candidates):
 def read_recbole_titles(item_file, title_field="movie_title", year_field="release_year"):
     """{item token: (title, year)} from a RecBole atomic .item file (e.g. ml-100k.item)."""
     if not os.path.isfile(item_file):
-        raise ReleaseError(f"{item_file} not found")
+        raise ReleaseError(f"{item_file} not found: matching the released knowledge by title needs the dataset's "
+                           f".item file with titles and years (or reki_release_match: id)")
     with open(item_file, encoding="utf-8") as f:
         header = [name.split(":")[0] for name in f.readline().rstrip("\n").split("\t")]
-        for name in ("item_id", title_field, year_field):
+        if "item_id" not in header:
+            raise ReleaseError(f"{item_file}: no field 'item_id' in the header {header}")
+        for name in (title_field, year_field):
             if name not in header:
-                raise ReleaseError(f"{item_file}: no field {name!r} in the header {header}")
+                raise ReleaseError(
+                    f"{item_file}: no field {name!r} in the header {header}; the released knowledge is matched by "
+                    f"title and year: name this dataset's fields with reki_release_title_fields: [<title field>, "
+                    f"<year field>] (now [{title_field}, {year_field}]), or match by ML-1M id "
+                    f"(reki_release_match: id)")
         columns = [header.index(name) for name in ("item_id", title_field, year_field)]
         titles = {}
         for line in f:
