@@ -311,3 +311,26 @@ def test_an_atomic_header_without_types_is_refused_by_name(tiny_config, workdir)
     config, _, _, _, _ = prepare("DeepFM", "tiny", config_dict=dict(tiny_config, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]}))
     with pytest.raises(ValueError, match=r"tiny.item: header fields \['item_id', 'title', 'year', 'genre'\] have no type"):
         Describer(config).describe("item")
+
+
+def test_text_from_a_plain_file_keyed_by_id(tiny_config, workdir):
+    """Text a user has outside the atomic files: a CSV (or TSV) of id and text."""
+    from recbole_llmk.quick_start import run_recbole_llmk
+
+    (workdir / "items.csv").write_text("movie,description\n" + "".join(
+        f'{i},"A film, number {i}"\n' for i in range(1, 41)))
+    (workdir / "users.tsv").write_text("id\tage\tjob\n" + "".join(f"{u}\t{20 + u}\tcook\n" for u in range(1, 31)))
+    config = dict(tiny_config, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]},
+                  item_text_file=str(workdir / "items.csv"), user_text_file=str(workdir / "users.tsv"))
+    built = run_recbole_llmk("DeepFM_REKI", bare_dataset(workdir), config_dict=config, run="knowledge")
+    store = KnowledgeStore.open(built["knowledge_store"])
+    assert store.texts("item")["7"] == "A film, number 7"
+    user = store.texts("user")["3"]
+    assert user.startswith("A user who is age: 23; job: cook.") and "A film, number" in user  # history by text
+    (workdir / "items.csv").write_text("movie,description\n1,Edited\n")
+    rebuilt = run_recbole_llmk("DeepFM_REKI", "bare", config_dict=config, run="knowledge")
+    assert rebuilt["knowledge_store"] != built["knowledge_store"]  # an edited file is another store
+    assert KnowledgeStore.open(rebuilt["knowledge_store"]).texts("item")["1"] == "Edited"
+    with pytest.raises(FileNotFoundError, match="'nope.csv' does not exist .user_text_file / item_text_file"):
+        run_recbole_llmk("DeepFM_REKI", "bare", config_dict=dict(config, item_text_file="nope.csv",
+                                                                 knowledge_rebuild=True), run="knowledge")

@@ -86,6 +86,7 @@ class Describer:
         self.dataset = config["dataset"]
         self.id_fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"]}
         self.rating_field = config["RATING_FIELD"]
+        self.text_files = {"user": config["user_text_file"], "item": config["item_text_file"]}
         self.missing_text = str(config["knowledge_missing_text"] or "warn").lower()
         if self.missing_text not in MISSING_TEXT_POLICIES:
             raise ValueError(f"knowledge_missing_text={self.missing_text!r}: choose one of {MISSING_TEXT_POLICIES}")
@@ -114,6 +115,8 @@ class Describer:
         return self._described[kind]
 
     def _read_descriptions(self, kind):
+        if self.text_files[kind]:
+            return read_text_file(self.text_files[kind], f"{kind}_text_file")
         path = self._atomic_path(kind)
         if not os.path.isfile(path):
             self._no_text(kind, f"there is no {path}")
@@ -140,7 +143,8 @@ class Describer:
                 f"knowledge carries no content" if kind == "item" else
                 f"every {self.hook.user_noun} is {NO_PROFILE}")
         message = (f"{self.dataset}: no {kind} text ({why}): {what}. Give the {kind}s text fields in the "
-                   f".{kind} atomic file (or a dataset hook: dataset_hook); knowledge_missing_text=error stops here.")
+                   f".{kind} atomic file (or a dataset hook: dataset_hook), or a CSV/TSV of id and text as "
+                   f"{kind}_text_file; knowledge_missing_text=error stops here.")
         if self.missing_text == "error":
             raise MissingTextError(message)
         logging.getLogger().warning(message)
@@ -194,6 +198,22 @@ class Describer:
         raw.columns = ["user", "item", "rating"]
         raw["rating"] = pd.to_numeric(raw["rating"], errors="coerce")
         return frame.drop(columns=["rating"], errors="ignore").merge(raw, on=["user", "item"], how="left")
+
+
+def read_text_file(path, setting):
+    """``{id: text}`` from a plain CSV (``.csv``) or TSV file with a header: the first column is the
+    raw id as in the dataset's atomic files; one more column is the text itself, several are
+    written ``name: value; ...``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{setting}={path!r} does not exist (a CSV or TSV file: id column, then text)")
+    frame = pd.read_csv(path, sep="," if path.lower().endswith(".csv") else "\t", dtype=str, keep_default_na=False)
+    if frame.shape[1] < 2:
+        raise ValueError(f"{setting}={path!r}: needs a header and at least two columns (id, text); "
+                         f"found {list(frame.columns)}")
+    ids, names = frame.columns[0], list(frame.columns[1:])
+    if len(names) == 1:
+        return dict(zip(frame[ids], frame[names[0]].str.strip()))
+    return {row[ids]: "; ".join(f"{n}: {row[n]}" for n in names if row[n] != "") for _, row in frame.iterrows()}
 
 
 def _rating(value):

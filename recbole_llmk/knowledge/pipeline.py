@@ -25,7 +25,7 @@ def digest(value):
 
 def store_settings(config, technique, split, prompt_digest):
     """What a store must match to be reused: anything that changes its vectors."""
-    return {
+    settings = {
         "technique": technique,
         "dataset": config["dataset"],
         "split": split,
@@ -35,6 +35,22 @@ def store_settings(config, technique, split, prompt_digest):
         "llm_model": config["llm_model"] if (config["llm_backend"] or "none") != "none" else None,
         "prompts": prompt_digest,
     }
+    # Text from files outside the dataset: another file is another store (set only then, so the
+    # stores of runs without one keep their names).
+    text_files = {kind: text_file_identity(config[f"{kind}_text_file"]) for kind in ("user", "item")
+                  if config[f"{kind}_text_file"]}
+    if text_files:
+        settings["text_files"] = text_files
+    return settings
+
+
+def text_file_identity(path):
+    """A text file by name and content, so an edited file builds a new store."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist (user_text_file / item_text_file: a CSV or TSV file: "
+                                f"id column, then text)")
+    with open(path, "rb") as f:
+        return f"{os.path.basename(path)}@{hashlib.sha256(f.read()).hexdigest()[:12]}"
 
 
 def store_path(config, settings):
