@@ -218,6 +218,24 @@ def test_encoder_pooling(tiny_encoder):
         TextEncoder("no/such/model")
 
 
+def test_long_texts_keep_their_newest_history_with_head_tail(tiny_encoder, caplog):
+    """A user's text lists the history oldest first: cut at the end, it loses the newest items."""
+    profile, old, new = "w1 w2 w3", " ".join(["w5"] * 40), " ".join(["w9"] * 20)
+    text = f"{profile} {old} {new}"
+    head = TextEncoder(tiny_encoder, max_length=24)
+    both = TextEncoder(tiny_encoder, max_length=24, truncation="head_tail")
+    # head reads exactly what the tokenizer's own truncation gives (stores built before stay equal)
+    np.testing.assert_allclose(head.encode([text]), head.encode([f"{profile} {old}"]), atol=1e-5)
+    assert "1 of 1 texts were longer than encoder_max_length=24 tokens (by 39 tokens" in caplog.text
+    assert "its newest items were cut: head_tail keeps them" in caplog.text
+    ids = both.tokenizer(text)["input_ids"]
+    kept = both._head_and_tail(ids)
+    assert len(kept) == 24 and kept == ids[:6] + ids[-18:]  # the start and the end
+    assert not np.allclose(both.encode([text]), head.encode([text]))
+    with pytest.raises(ValueError, match="encoder_truncation must be one of"):
+        TextEncoder(tiny_encoder, truncation="middle")
+
+
 @pytest.mark.skipif(not os.environ.get("RECBOLE_LLMK_MINILM", "1") == "1", reason="opt-out")
 def test_packaged_minilm_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

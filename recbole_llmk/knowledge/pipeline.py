@@ -41,6 +41,8 @@ def store_settings(config, technique, split, prompt_digest):
                   if config[f"{kind}_text_file"]}
     if text_files:
         settings["text_files"] = text_files
+    if (config["encoder_truncation"] or "head") != "head":  # likewise: only when not the default
+        settings["encoder_truncation"] = config["encoder_truncation"]
     return settings
 
 
