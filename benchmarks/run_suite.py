@@ -256,6 +256,7 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
     from recbole_llmk.utils import get_trainer
 
     key = json.dumps({"model": model, "dataset": dataset, "config": config}, sort_keys=True, default=str)
+    began = time.time()
     config, _, train_data, valid_data, test_data = prepare(model, dataset, config_dict=config)
     start = time.time()
     store = build_knowledge(config, train_data)
@@ -293,10 +294,42 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
         cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if trainer.resumed_after:
         cell["resumed_after_epochs"] = trainer.resumed_after
+    cell["provenance"] = provenance(config, store, time.time() - began)
     if resume_file and os.path.isfile(resume_file):
         os.remove(resume_file)  # first: a state must never outlive the best model it names
     os.remove(trainer.saved_model_file)
     return cell
+
+
+CODE_PATHS = ("recbole_llmk", "benchmarks/run_suite.py", "setup.cfg")
+
+
+def provenance(config, store, seconds):
+    """Which code, libraries, threads and device produced a cell: the commit (and whether the
+    plugin's code differed from it), versions, torch's threads, the device's name, the knowledge
+    store (its folder names its settings' digest) and the cell's wall time."""
+    import numpy
+    import recbole
+    import torch
+    import transformers
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    device = str(config["device"])
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "code_changed": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
+                         "transformers": transformers.__version__, "numpy": numpy.__version__},
+            "threads": torch.get_num_threads(), "device": device, "device_name": name,
+            "store": os.path.basename(store.path) if store else None,
+            "store_created": store.meta.get("created") if store else None,
+            "wall_seconds": round(seconds, 1)}
 
 
 def build_cell_store(model, dataset, config):
@@ -334,6 +367,20 @@ def inference_ms(model, data, repeats=3):
                 torch.cuda.synchronize()
             best = min(best, (time.perf_counter() - begin) / len(batches))
     return 1000 * best
+
+
+def mixed_pairs(runs, others):
+    """What the seed pairs of two rows mix, which a paired test should not: '‡' CPU with GPU cells,
+    '†' cells of different commits (among those that recorded one); '' when neither."""
+    shared = sorted(set(runs) & set(others))
+    marks = ""
+    if any(ran_on(runs[s]) != ran_on(others[s]) for s in shared):
+        marks += "‡"
+    commits = {c["provenance"]["commit"] for s in shared for c in (runs[s], others[s])
+               if (c.get("provenance") or {}).get("commit")}
+    if len(commits) > 1:
+        marks += "†"
+    return marks
 
 
 def paired_change(runs, others, metric):
@@ -380,9 +427,11 @@ def summarize(suite, cells):
                 row[f"{metric}_std"] = values.std(ddof=1)
             if base and base in by_model:
                 row[f"{metric}_rel"], row[f"{metric}_p"] = paired_change(runs, by_model[base], metric)
+                row["mixed"] = mixed_pairs(runs, by_model[base])
             if entry["versus"] in by_model:
                 row["versus"] = entry["versus"]
                 row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
+                row["versus_mixed"] = mixed_pairs(runs, by_model[entry["versus"]])
         devices = Counter(ran_on(c) for c in runs.values())
         row["ran_on"] = ", ".join(f"{device} {n}" for device, n in sorted(devices.items()))
         # a mean of CPU and GPU epochs times neither: a row whose cells ran on both gives no times
@@ -506,6 +555,10 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=
             + load_note(finished) + reuse_note(finished) + stale_note(stale) + ". Test-split metrics, mean ± std over seeds; "
             "p: paired t-test against the stock backbone on the same seeds; times are left out of a row "
             "whose cells ran on both CPU and GPU"
+            + ("; ‡: the test pairs CPU with GPU cells" if any("‡" in (r.get("mixed", "") + r.get("versus_mixed", ""))
+                                                             for r in rows) else "")
+            + ("; †: the test pairs cells of different commits (each cell's provenance names its own)"
+               if any("†" in (r.get("mixed", "") + r.get("versus_mixed", "")) for r in rows) else "")
             + ("; the second table compares a variant with the entry it names, the same way" if any(r.get("versus") for r in rows) else "")
             + ".\n")
     with open(os.path.join(folder, "summary.md"), "w") as f:
@@ -526,11 +579,14 @@ def versus_table(rows, metrics):
 
 
 def change(row, metric, against):
-    """Relative change with its paired-test p, or the note that one shared seed allows no test."""
+    """Relative change with its paired-test p, or the note that one shared seed allows no test;
+    marked when its pairs mix devices or code versions (:func:`mixed_pairs`)."""
     if f"{metric}{against}_rel" not in row:
         return ""
     p = row[f"{metric}{against}_p"]
-    return f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f})")
+    marks = row.get(f"{against.lstrip('_')}_mixed" if against else "mixed") or ""
+    return (f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f})")
+            + (f" {marks}" if marks else ""))
 
 
 def n_cells(n):

@@ -37,6 +37,12 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert float(rows["DeepFM_REKI/all"]["llm_prompts"]) == 30 + 40 and float(rows["DeepFM_REKI/all"]["llm_calls"]) == 0
     summary = (folder / "summary.md").read_text()
     assert "| DeepFM_REKI/all | 2 |" in summary
+    cell = json.loads((folder / "cells" / "DeepFM_REKI_all-1.json").read_text())
+    made = cell["provenance"]  # which code, libraries, threads and device produced the cell
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert made["commit"] == head and isinstance(made["code_changed"], bool)
+    assert made["versions"]["recbole"] == "1.2.1" and made["threads"] == 1 and made["device"] == "cpu"
+    assert made["store"].startswith("REKI-none-") and made["wall_seconds"] > 0
     assert "4 cells ran" in summary and "load average at the end of 4 of 4 cells" in summary
     assert (folder / "uplift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -486,3 +492,19 @@ def test_device_returns_each_cell_finished_since_it_started(tmp_path):
     assert device_session.return_finished_cells(str(cells), start, str(returned)) == ["DIN-2021.json"]
     assert sorted(os.listdir(returned)) == ["DIN-2021.json"]
     assert json.loads((returned / "DIN-2021.json").read_text()) == {"seed": 2021}
+
+
+def test_a_paired_test_that_mixes_devices_or_code_is_marked():
+    def cell(seed, device, commit, auc):
+        return {"model": "x", "seed": seed, "device": device, "test": {"auc": auc}, "provenance": {"commit": commit}}
+
+    suite = {"models": ["DeepFM", {"label": "V", "model": "DeepFM_REKI"}], "seeds": [1, 2, 3], "config": {},
+             "model_config": {}}
+    stock = [dict(cell(s, "cpu", "a", 0.70 + s / 100), model="DeepFM") for s in (1, 2, 3)]
+    same = [dict(cell(s, "cpu", "a", 0.71 + s / 100), model="V") for s in (1, 2, 3)]
+    rows = {r["model"]: r for r in run_suite.summarize(suite, stock + same)}
+    assert rows["V"]["mixed"] == "" and "‡" not in run_suite.change(rows["V"], "auc", "")
+    mixed = [dict(cell(s, "cuda:0" if s == 3 else "cpu", "b" if s == 2 else "a", 0.71 + s / 100), model="V")
+             for s in (1, 2, 3)]
+    rows = {r["model"]: r for r in run_suite.summarize(suite, stock + mixed)}
+    assert run_suite.change(rows["V"], "auc", "").endswith(" ‡†")
