@@ -256,7 +256,7 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
     from recbole_llmk.utils import get_trainer
 
     key = json.dumps({"model": model, "dataset": dataset, "config": config}, sort_keys=True, default=str)
-    began = time.time()
+    began, code = time.time(), code_version()  # the code as this process loaded it, not as it is at the end
     config, _, train_data, valid_data, test_data = prepare(model, dataset, config_dict=config)
     start = time.time()
     store = build_knowledge(config, train_data)
@@ -294,7 +294,7 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
         cell["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if trainer.resumed_after:
         cell["resumed_after_epochs"] = trainer.resumed_after
-    cell["provenance"] = provenance(config, store, time.time() - began)
+    cell["provenance"] = dict(code, **provenance(config, store, time.time() - began))
     if resume_file and os.path.isfile(resume_file):
         os.remove(resume_file)  # first: a state must never outlive the best model it names
     os.remove(trainer.saved_model_file)
@@ -304,17 +304,23 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
 CODE_PATHS = ("recbole_llmk", "benchmarks/run_suite.py", "setup.cfg")
 
 
+def code_version():
+    """The repository's commit and whether the plugin's code differs from it (uncommitted edits)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "code_changed": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))}
+
+
 def provenance(config, store, seconds):
-    """Which code, libraries, threads and device produced a cell: the commit (and whether the
-    plugin's code differed from it), versions, torch's threads, the device's name, the knowledge
-    store (its folder names its settings' digest) and the cell's wall time."""
+    """Which libraries, threads and device produced a cell (with :func:`code_version`, which
+    code): versions, torch's threads, the device's name, the knowledge store (its folder names its
+    settings' digest) and the cell's wall time."""
     import numpy
     import recbole
     import torch
     import transformers
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     device = str(config["device"])
     if device.startswith("cuda"):
@@ -322,9 +328,7 @@ def provenance(config, store, seconds):
     else:
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "code_changed": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "threads": torch.get_num_threads(), "device": device, "device_name": name,
             "store": os.path.basename(store.path) if store else None,
