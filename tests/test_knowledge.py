@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +353,19 @@ def test_text_from_a_plain_file_keyed_by_id(tiny_config, workdir):
     with pytest.raises(FileNotFoundError, match="'nope.csv' does not exist .user_text_file / item_text_file"):
         run_recbole_llmk("DeepFM_REKI", "bare", config_dict=dict(config, item_text_file="nope.csv",
                                                                  knowledge_rebuild=True), run="knowledge")
+
+
+def test_atomic_files_are_read_as_recbole_reads_them(tmp_path):
+    """A line with a stray extra field (RecBole's own test data has one, line 6018 of test.inter):
+    RecBole reads the header's fields and ignores the rest; so does the plugin."""
+    from recbole_llmk.knowledge.descriptions import read_atomic
+
+    path = tmp_path / "x.inter"
+    path.write_text('user_id:token\titem_id:token\trating:float\n1\t2\t3\n4\t5\t1\tstray\n"6\t7"\t2\n')
+    frame, types = read_atomic(str(path))
+    assert list(frame.columns) == ["user_id", "item_id", "rating"] and types["rating"] == "float"
+    assert frame.values.tolist() == [["1", "2", "3"], ["4", "5", "1"], ['"6', '7"', "2"]]
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "recbole-tests" / "tests" / "test_data" / "test"
+    if (shared / "test.inter").is_file():
+        frame, _ = read_atomic(str(shared / "test.inter"))
+        assert len(frame) == sum(1 for _ in open(shared / "test.inter")) - 1

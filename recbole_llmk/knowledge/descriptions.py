@@ -60,9 +60,14 @@ class DatasetHook:
 
 
 def read_atomic(path, field_separator="\t"):
-    """An atomic file as strings, columns renamed from ``name:type`` to ``name``; and the types."""
-    frame = pd.read_csv(path, sep=field_separator, dtype=str, keep_default_na=False,
-                        quoting=3, engine="python" if len(field_separator) > 1 else "c")
+    """An atomic file as strings, columns renamed from ``name:type`` to ``name``; and the types.
+
+    Read as RecBole reads it: the header's fields only (RecBole passes ``usecols``, so a line with
+    a stray extra field is read, not refused), and quotes are plain characters."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split(field_separator)
+    frame = pd.read_csv(path, sep=field_separator, dtype=str, keep_default_na=False, usecols=header,
+                        quoting=3, engine="python" if len(field_separator) > 1 else "c")[header]
     types = {}
     for column in frame.columns:
         name, _, ftype = column.partition(":")
