@@ -174,6 +174,20 @@ def test_ablations_and_unsupported_models(reland_config):
         get_model("DeepFM_ReLand")
 
 
+def test_a_model_without_id_tables_is_refused_before_any_knowledge(reland_config, workdir):
+    """DIN is a sequential RecBole class of the context type: its item embedding sits inside its
+    embedding layer. It used to be refused after the behaviour model's training and the store."""
+    import time
+
+    start = time.time()
+    with pytest.raises(ValueError, match="DIN_ReLand is not supported: DIN has no item ID embedding table.*"
+                                         "Checked before any knowledge was built.*DIN_REKI"):
+        run_recbole_llmk("DIN_ReLand", "tiny", config_dict=dict(for_model(reland_config, "DIN"),
+                                                                 knowledge_dir=str(workdir / "fresh")))
+    assert not any((workdir / "fresh").rglob("*.npz")) and not any((workdir / "fresh").rglob("meta.json"))
+    assert time.time() - start < 60
+
+
 def items_in(text):
     return {m for m in re.findall(r"Title(\d+)", text)}
 

@@ -64,6 +64,21 @@ def knowledge_tables(config, dataset):
             for side, field in fields.items() if uses_side(config, side)}
 
 
+def fitting_variants(base_name, exclude):
+    """The other techniques' variants of ``base_name`` that resolve (e.g. DIN_REKI, DIN_LEARN)."""
+    from recbole_llmk.utils import TECHNIQUES, get_model
+
+    fits = []
+    for technique in TECHNIQUES:
+        if technique != exclude:
+            try:
+                get_model(f"{base_name}_{technique}")
+            except ValueError:
+                continue
+            fits.append(f"{base_name}_{technique}")
+    return fits
+
+
 def fuse_tables(model, side, table):
     names = id_tables(model, side, len(table))
     if not names:
@@ -83,6 +98,7 @@ class ReLandMixin:
             return None  # the ID-only ablation
         from recbole_llmk.techniques.reland import build_reland_knowledge
 
+        cls.check_fits(config, train_data._dataset)
         store = build_reland_knowledge(config, train_data)
         config["knowledge_store"] = store.path
         return store
@@ -92,6 +108,24 @@ class ReLandMixin:
         from recbole_llmk.techniques.reland import reland_requests
 
         return {"all": reland_requests(config, training_dataset(train_data))[1]().requests}
+
+    @classmethod
+    def check_fits(cls, config, dataset):
+        """Refuse, before any knowledge is built (a behaviour model trains for minutes), a model
+        without the ID tables the fusion needs: build the base model and look."""
+        base = cls.__bases__[-1]
+        model = base(config, dataset)
+        sides = [side for side in ("user", "item") if uses_side(config, side)]
+        if issubclass(cls, ReLandSequential):  # the user side fuses into forward's output; items are scored
+            sides = ["item"]
+        for side in sides:
+            if not id_tables(model, side, dataset.num(config[f"{side.upper()}_ID_FIELD"])):
+                others = fitting_variants(base.__name__, exclude="ReLand")
+                raise ValueError(
+                    f"{cls.__name__} is not supported: {base.__name__} has no {side} ID embedding table (a direct "
+                    f"nn.Embedding attribute named *{side}* with a row per {side}) for ReLand's fusion. "
+                    f"Checked before any knowledge was built."
+                    + (f" What fits {base.__name__}: {', '.join(others)}." if others else ""))
 
     def _tables(self, config, dataset):
         if not (uses_side(config, "user") or uses_side(config, "item")):
