@@ -220,12 +220,18 @@ def test_item_text_alone_trains_no_behaviour_encoder_and_serves_every_seed(relan
     assert reland_requests(config, training_dataset(train_data))[0] == settings
 
 
-def test_behaviour_encoder_refuses_another_split(reland_config):
+def test_behaviour_encoder_refuses_a_pair_the_run_may_evaluate_on(reland_config):
+    """Exact, not over-strict: a behaviour model may see fewer pairs than the run trains on (a
+    sequential split drops some), never one the run's training split lacks."""
     config, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=reland_config)
     frame = training_interactions(training_dataset(train_data))
-    extra = pd.DataFrame({"user": ["1"], "item": ["999"]})
-    with pytest.raises(LeakageError, match="another split than the run"):
-        train_behaviour_encoder(config, pd.concat([frame, extra]))
+    held_out = frame.iloc[0]
+    with pytest.raises(LeakageError, match=f"1 of its training .user, item. pairs are not in the run's training "
+                                           f"split, e.g. user {held_out['user']} with item {held_out['item']}"):
+        train_behaviour_encoder(config, frame.iloc[1:])
+    extra = pd.DataFrame({"user": ["1"], "item": ["999"]})  # the run trains on a pair the model never sees: safe
+    users, items = train_behaviour_encoder(config, pd.concat([frame, extra]))
+    assert len(users) and len(items)
 
 
 def test_recorded_rationales_fill_the_pool_and_explanations(reland_config, workdir):

@@ -61,6 +61,14 @@ def split_fingerprint(frame):
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
 
 
+def pairs_outside(frame, allowed):
+    """The (user, item) pairs of ``frame`` that ``allowed`` does not have, sorted."""
+    def pairs(f):
+        return set(zip(f["user"].astype(str), f["item"].astype(str)))
+
+    return sorted(pairs(frame) - pairs(allowed))
+
+
 def recent_histories(frame, length):
     """``{user token: frame of that user's last ``length`` training interactions, oldest first}``."""
     if "timestamp" in frame:
