@@ -393,10 +393,29 @@ def paired_change(runs, others, metric):
     import numpy as np
     from scipy import stats
 
+    ours, theirs = paired_values(runs, others, metric)
+    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(ours) > 1 else None
+
+
+def paired_values(runs, others, metric):
+    import numpy as np
+
     shared = sorted(set(runs) & set(others))
-    ours = np.array([runs[s]["test"][metric] for s in shared])
-    theirs = np.array([others[s]["test"][metric] for s in shared])
-    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(shared) > 1 else None
+    return (np.array([runs[s]["test"][metric] for s in shared]), np.array([others[s]["test"][metric] for s in shared]))
+
+
+def paired_interval(runs, others, metric, level=0.95):
+    """The ``level`` confidence interval of the paired difference's mean (t distribution over the
+    shared seeds), relative to the other row's mean; None below two shared seeds."""
+    import numpy as np
+    from scipy import stats
+
+    ours, theirs = paired_values(runs, others, metric)
+    if len(ours) < 2:
+        return None
+    diff = ours - theirs
+    half = stats.t.ppf((1 + level) / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return (diff.mean() - half) / theirs.mean(), (diff.mean() + half) / theirs.mean()
 
 
 TIME_KEYS = ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored")
@@ -431,10 +450,12 @@ def summarize(suite, cells):
                 row[f"{metric}_std"] = values.std(ddof=1)
             if base and base in by_model:
                 row[f"{metric}_rel"], row[f"{metric}_p"] = paired_change(runs, by_model[base], metric)
+                row[f"{metric}_ci"] = paired_interval(runs, by_model[base], metric)
                 row["mixed"] = mixed_pairs(runs, by_model[base])
             if entry["versus"] in by_model:
                 row["versus"] = entry["versus"]
                 row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
+                row[f"{metric}_versus_ci"] = paired_interval(runs, by_model[entry["versus"]], metric)
                 row["versus_mixed"] = mixed_pairs(runs, by_model[entry["versus"]])
         devices = Counter(ran_on(c) for c in runs.values())
         row["ran_on"] = ", ".join(f"{device} {n}" for device, n in sorted(devices.items()))
@@ -557,7 +578,8 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=
                "no cell ran in this invocation: the table is rebuilt from cells run earlier")
             + f"{f' ({jobs} at a time, so the times are of cells sharing the machine)' if jobs > 1 else ''}"
             + load_note(finished) + reuse_note(finished) + stale_note(stale) + ". Test-split metrics, mean ± std over seeds; "
-            "p: paired t-test against the stock backbone on the same seeds; times are left out of a row "
+            "p: paired t-test against the stock backbone on the same seeds, with the 95 % confidence interval "
+            "of the paired difference (relative to the other row's mean); times are left out of a row "
             "whose cells ran on both CPU and GPU"
             + ("; ‡: the test pairs CPU with GPU cells" if any("‡" in (r.get("mixed", "") + r.get("versus_mixed", ""))
                                                              for r in rows) else "")
@@ -587,9 +609,10 @@ def change(row, metric, against):
     marked when its pairs mix devices or code versions (:func:`mixed_pairs`)."""
     if f"{metric}{against}_rel" not in row:
         return ""
-    p = row[f"{metric}{against}_p"]
+    p, interval = row[f"{metric}{against}_p"], row.get(f"{metric}{against}_ci")
     marks = row.get(f"{against.lstrip('_')}_mixed" if against else "mixed") or ""
-    return (f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f})")
+    ci = f", 95% CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}%" if interval else ""
+    return (f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f}{ci})")
             + (f" {marks}" if marks else ""))
 
 

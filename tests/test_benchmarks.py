@@ -217,7 +217,13 @@ def test_a_variant_is_also_compared_with_the_entry_it_names(tmp_path):
     assert rows["gpt"]["auc_versus_p"] == pytest.approx(stats.ttest_rel([0.73, 0.75, 0.74], [0.72, 0.72, 0.74]).pvalue)
     assert rows["gpt"]["auc_rel"] == pytest.approx((0.74 - 0.71) / 0.71)  # still against stock DeepFM
     report = run_suite.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 9, cells)
-    assert f"| gpt | none | {100 * rows['gpt']['auc_versus_rel']:+.2f}% (p={rows['gpt']['auc_versus_p']:.3f}) |" in report
+    # the 95 % interval of the paired difference: differences 0.01, 0.03, 0.00 (mean 0.01333), t(0.975, 2)
+    diff = np.array([0.01, 0.03, 0.0])
+    half = stats.t.ppf(0.975, 2) * diff.std(ddof=1) / np.sqrt(3)
+    low, high = (diff.mean() - half) / 0.7266667, (diff.mean() + half) / 0.7266667
+    assert rows["gpt"]["auc_versus_ci"] == pytest.approx((low, high), rel=1e-4)
+    assert (f"| gpt | none | {100 * rows['gpt']['auc_versus_rel']:+.2f}% (p={rows['gpt']['auc_versus_p']:.3f}, "
+            f"95% CI {100 * low:+.2f} to {100 * high:+.2f}%) |") in report
     suite["models"][2]["versus"] = "non"
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(suite))
     with pytest.raises(ValueError, match="typo.yaml.*'gpt'.*'non'"):
