@@ -92,7 +92,7 @@ def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dic
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    return {
+    result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
@@ -102,3 +102,31 @@ def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dic
         "model": model,
         "trainer": trainer,
     }
+    write_results(config, result, time.time() - start)
+    return result
+
+
+def write_results(config, result, seconds):
+    """A JSON of the run beside its RecBole log (``<log>.json``), for people and scripts to open
+    after the run: model, dataset, seed, results, knowledge store, best-model file, times."""
+    import json
+    import os
+
+    from recbole_llmk import __version__
+    from recbole_llmk.files import written_whole
+
+    logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not logs:  # logging set up by someone else (a notebook, a test runner): no log to sit beside
+        return None
+    path = os.path.splitext(logs[0])[0] + ".json"
+    summary = {"model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
+               "best_valid_result": dict(result["best_valid_result"] or {}),
+               "test_result": dict(result["test_result"] or {}),
+               "knowledge_store": result["knowledge_store"], "knowledge_seconds": round(result["knowledge_seconds"], 2),
+               "seconds": round(seconds, 2), "best_model_file": getattr(result["trainer"], "saved_model_file", None),
+               "log": logs[0], "device": str(config["device"]), "recbole_llmk": __version__,
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with written_whole(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, default=float)
+    logging.getLogger().info(f"results written to {path}")
+    return path

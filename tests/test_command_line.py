@@ -49,3 +49,21 @@ def test_a_mistyped_setting_is_named_with_the_nearest_one(tiny_config, workdir):
     output = run_cli(workdir, tiny_config, "--reki_top_dd=3", "--history_length=5")
     assert "reki_top_dd is not a recbole-llmk setting and is ignored: did you mean reki_top_d?" in output
     assert "history_length is not" not in output  # RecBole's and unprefixed keys are not judged
+
+
+def test_a_run_leaves_its_results_beside_its_log(tiny_config, workdir):
+    import json
+
+    config_file = workdir / "run.yaml"
+    config_file.write_text(yaml.safe_dump(dict(tiny_config, state="INFO")))
+    done = subprocess.run([sys.executable, str(REPO / "run_recbole_llmk.py"), "--model=DeepFM_REKI", "--dataset=tiny",
+                           f"--config_files={config_file}"], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = glob.glob(str(workdir / "log" / "**" / "*.json"), recursive=True)
+    assert len(results) == 1 and Path(results[0]).with_suffix(".log").is_file()
+    saved = json.loads(Path(results[0]).read_text())
+    assert saved["model"] == "DeepFM_REKI" and saved["dataset"] == "tiny" and saved["seed"] == 2020
+    assert set(saved["test_result"]) == {"auc", "logloss"} and saved["knowledge_store"]
+    import recbole_llmk
+
+    assert saved["recbole_llmk"] == recbole_llmk.__version__ != "0+unknown"
