@@ -390,7 +390,6 @@ def mixed_pairs(runs, others):
 def paired_change(runs, others, metric):
     """(relative change of the mean, paired t-test p) of ``metric`` on the seeds both ran; p is
     None when they share one seed, which allows no test."""
-    import numpy as np
     from scipy import stats
 
     ours, theirs = paired_values(runs, others, metric)
