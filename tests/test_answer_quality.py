@@ -53,3 +53,18 @@ def test_an_echo_of_the_prompt():
     assert assess(prompt, prompt) == "echo"
     assert assess("User: " + prompt[:150] + " The user likes family films.", prompt) == "echo"
     assert assess(PROSE, prompt) is None
+
+
+def test_the_gate_on_the_reki_authors_gpt35_answers():
+    """377 real gpt-3.5 completions (the REKI release): the gate must pass fluent knowledge and
+    catch what is none. It flags exactly one, a real non-answer."""
+    from recbole_llmk.techniques.reki_release import ReleasedKnowledge
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "reki" / "ml-1m" / "proc_data" / "group_data"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found under {root}")
+    records = list(ReleasedKnowledge.load(str(root)).replay_records())
+    flagged = [(assess(r["response"], r["prompt"]), r["response"]) for r in records]
+    flagged = [(verdict, text) for verdict, text in flagged if verdict]
+    assert len(records) == 377 and len(flagged) == 1
+    assert flagged[0][0] == "refusal" and flagged[0][1].startswith("I apologize, but you haven't provided")
