@@ -129,11 +129,13 @@ class GenerationReport:
     bad_answer_retries: int = 0
 
     def summary(self):
-        flagged = ", ".join(f"{count} {verdict}" for verdict, count in sorted(self.flagged.items())) or "none"
-        return (f"LLM generation [{self.backend}]: {self.requested} requested, {self.cached} cached, "
+        text = (f"LLM generation [{self.backend}]: {self.requested} requested, {self.cached} cached, "
                 f"{self.called} calls sent, {self.retries} retries, {self.failed} failed, "
-                f"tokens {self.prompt_tokens} prompt + {self.completion_tokens} completion, "
-                f"{self.seconds:.1f} s; {self.truncated} truncated at llm_max_tokens; bad answers: {flagged} "
+                f"tokens {self.prompt_tokens} prompt + {self.completion_tokens} completion, {self.seconds:.1f} s")
+        if self.backend == "none":  # descriptions: nothing was generated, nothing to judge
+            return text
+        flagged = ", ".join(f"{count} {verdict}" for verdict, count in sorted(self.flagged.items())) or "none"
+        return (f"{text}; {self.truncated} truncated at llm_max_tokens; bad answers: {flagged} "
                 f"({self.bad_answer_retries} asked again)")
 
 
