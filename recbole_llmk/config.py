@@ -12,6 +12,7 @@ import glob
 import logging
 import os
 import sys
+from functools import lru_cache
 
 import yaml
 from recbole.config import Config
@@ -25,13 +26,15 @@ PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "propertie
 PLUGIN_PREFIXES = ("reki_", "reland_", "learn_", "llm_", "knowledge_", "hein_", "encoder_")
 
 
+@lru_cache(maxsize=None)
 def plugin_keys():
-    """Every setting the plugin's property files define (each has a default there)."""
+    """Every setting the plugin's property files define (each has a default there); read once
+    per process (every Config, the knowledge models' derived ones too, asks)."""
     keys = set()
     for file in glob.glob(os.path.join(PROPERTIES, "**", "*.yaml"), recursive=True):
         with open(file, encoding="utf-8") as f:
             keys.update(yaml.safe_load(f) or {})
-    return keys
+    return frozenset(keys)
 
 
 def unknown_setting_warnings(names):
