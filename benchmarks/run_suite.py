@@ -47,7 +47,10 @@ def load_suite(path):
     ``versus`` a second label to compare it with (e.g. real LLM text against descriptions only),
     ``seeds`` narrows the suite's seeds for that entry (e.g. a row that only measures time).
     ``reuse_cells_from`` names other suite files (beside this one) whose finished cells stand for
-    this suite's where they are the same run (see ``twin_cell``)."""
+    this suite's where they are the same run (see ``twin_cell``). ``controls`` (suite-wide, or per
+    entry to override it) adds, for each knowledge variant, a row per control (``shuffled``,
+    ``constant``: ``recbole_llmk/knowledge/controls.py``) compared with that variant's stock and
+    with the variant itself: whether a change comes from the knowledge's content or its mechanism."""
     with open(path, encoding="utf-8") as f:
         suite = yaml.safe_load(f)
     for key in ("dataset", "models", "seeds"):
@@ -62,7 +65,7 @@ def load_suite(path):
     suite["file"] = os.path.abspath(path)
     suite.setdefault("config", {})
     suite.setdefault("model_config", {})
-    suite["entries"] = [entry_of(m) for m in suite["models"]]
+    suite["entries"] = [e for m in suite["models"] for e in with_controls(entry_of(m), m, suite.get("controls") or [])]
     labels = {e["label"] for e in suite["entries"]}
     for entry in suite["entries"]:
         if entry["versus"] and entry["versus"] not in labels:
@@ -78,6 +81,16 @@ def entry_of(item):
         raise ValueError(f"suite entry {item} needs 'model'")
     return {"label": item.get("label", item["model"]), "model": item["model"], "config": item.get("config", {}),
             "stock": item.get("stock", stock_of(item["model"])), "versus": item.get("versus"), "seeds": item.get("seeds")}
+
+
+def with_controls(entry, item, controls):
+    """``entry`` and, when it is a knowledge variant, one control entry per control it asks for."""
+    if isinstance(item, dict) and "controls" in item:
+        controls = item["controls"] or []
+    if stock_of(entry["model"]) is None:
+        return [entry]
+    return [entry] + [dict(entry, label=f"{entry['label']}-{control}", versus=entry["label"],
+                           config=dict(entry["config"], knowledge_control=control)) for control in controls]
 
 
 def entries(suite):
@@ -113,6 +126,9 @@ def cell_settings(suite, entry, seed):
     settings.update(suite["model_config"].get(entry["model"], {}))
     settings.update(entry["config"])
     settings.update({"seed": seed, "show_progress": False})
+    technique = technique_of(entry["model"])
+    for key in BEFORE_IT_EXISTED.get(technique, {}):  # what the run uses, named: see BEFORE_IT_EXISTED
+        settings.setdefault(key, technique_defaults(technique)[key])
     return settings
 
 
@@ -142,6 +158,10 @@ class Placeholders(dict):
 REPORT_ONLY = ("metrics", "topk")
 # settings that say where a run keeps its files (stores are found by content), not what it computes
 WHERE_ONLY = ("checkpoint_dir", "knowledge_dir", "llm_cache_dir")
+# per technique, settings added after cells were recorded and the value every run had before they
+# existed: a cell records them always now (``cell_settings``), so one that does not ran with that
+# value (ReLand had only the attention fusion before)
+BEFORE_IT_EXISTED = {"ReLand": {"reland_user_fusion": "attention", "reland_item_fusion": "attention"}}
 
 
 def listed(config, key):
@@ -165,6 +185,17 @@ def is_stock(model):
     return not hasattr(get_model(model), "prepare_knowledge")
 
 
+def technique_of(model):
+    return model.rpartition("_")[2] if stock_of(model) else None
+
+
+@lru_cache(maxsize=None)
+def technique_defaults(technique):
+    """``technique``'s yaml defaults (``recbole_llmk/properties/technique/<technique>.yaml``)."""
+    with open(os.path.join(ROOT, "recbole_llmk", "properties", "technique", f"{technique}.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
 @lru_cache(maxsize=None)
 def technique_keys():
     """The settings the knowledge techniques read: those their property files declare (read once
@@ -185,6 +216,7 @@ def run_differences(model, ours, theirs):
     if theirs is None:
         return ["(settings not recorded)"]
     ignored = set(REPORT_ONLY) | set(WHERE_ONLY) | (technique_keys() if is_stock(model) else set())
+    theirs = {**BEFORE_IT_EXISTED.get(technique_of(model), {}), **theirs}
     keys = {k for k in set(ours) | set(theirs) if k not in ignored and ours.get(k) != theirs.get(k)}
     if not reports_at_most(ours, theirs):
         keys |= {k for k in REPORT_ONLY if ours.get(k) != theirs.get(k)}

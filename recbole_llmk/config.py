@@ -50,6 +50,23 @@ def unknown_setting_warnings(names):
     return warnings
 
 
+def choices():
+    """Settings that name one of a fixed set of things, and that set (``None``: may be left empty)."""
+    from recbole_llmk.knowledge.controls import CONTROLS
+    from recbole_llmk.model.layers import FUSIONS
+
+    return {"knowledge_control": (None, *CONTROLS), "reland_user_fusion": tuple(FUSIONS),
+            "reland_item_fusion": tuple(FUSIONS)}
+
+
+def check_choices(settings):
+    """Refuse a value outside its set at once, not after minutes of knowledge building."""
+    for name, allowed in choices().items():
+        if name in settings and settings[name] not in allowed:
+            shown = " | ".join("~" if a is None else a for a in allowed)
+            raise ValueError(f"{name}: '{settings[name]}' is not one of {shown} (recbole_llmk/properties/ documents each)")
+
+
 def plugin_property_files(model_name, technique, dataset):
     names = ["overall.yaml"]
     if technique:
@@ -67,6 +84,7 @@ class LLMKConfig(Config):
         super().__init__(model, dataset, config_file_list, config_dict)
         # Logged by quick_start once the run's log exists (RecBole's logger is set up after this).
         self.startup_warnings = unknown_setting_warnings(self.external_config_dict)
+        check_choices(self.final_config_dict)
 
     def _load_cmd_line(self):
         """RecBole's reader of ``--key=value``, but the value may hold "=" (a URL with a query):

@@ -514,3 +514,39 @@ def test_a_paired_test_that_mixes_devices_or_code_is_marked():
              for s in (1, 2, 3)]
     rows = {r["model"]: r for r in run_suite.summarize(suite, stock + mixed)}
     assert run_suite.change(rows["V"], "auc", "").endswith(" ‡†")
+
+
+def test_controls_add_a_shuffled_and_a_constant_row_per_knowledge_variant(tmp_path):
+    suite = {"dataset": "tiny", "seeds": [1], "controls": ["shuffled", "constant"],
+             "models": ["DeepFM", "DeepFM_REKI", {"label": "BPR+f_item", "model": "BPR_ReLand",
+                                                  "config": {"reland_user_rationale": False}},
+                        {"label": "plain", "model": "BPR_ReLand", "controls": []}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    entries = {e["label"]: e for e in run_suite.load_suite(str(path))["entries"]}
+    assert list(entries) == ["DeepFM", "DeepFM_REKI", "DeepFM_REKI-shuffled", "DeepFM_REKI-constant", "BPR+f_item",
+                             "BPR+f_item-shuffled", "BPR+f_item-constant", "plain"]
+    control = entries["BPR+f_item-constant"]
+    assert control["config"] == {"reland_user_rationale": False, "knowledge_control": "constant"}
+    assert control["stock"] == "BPR" and control["versus"] == "BPR+f_item"
+
+
+def test_a_cell_recorded_before_a_setting_existed_ran_with_its_old_value(tmp_path):
+    """ReLand had only the attention fusion before ``reland_*_fusion``: such cells stand for a
+    suite row that names attention, and are another run than one under today's defaults, which a
+    cell now records even when its suite does not name them."""
+    old = {"reland_item_text": False}
+    attention = dict(old, reland_user_fusion="attention", reland_item_fusion="attention")
+    assert run_suite.run_differences("BPR_ReLand", attention, old) == []
+    assert run_suite.run_differences("BPR_ReLand", dict(attention, reland_user_fusion="gate"), old) == ["reland_user_fusion"]
+    suite = {"dataset": "tiny", "seeds": [1], "models": ["BPR", "BPR_ReLand", "DeepFM_REKI"]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    suite = run_suite.load_suite(str(path))
+    entries = {e["label"]: e for e in suite["entries"]}
+    ours = run_suite.cell_settings(suite, entries["BPR_ReLand"], 1)
+    assert ours["reland_user_fusion"] == "gate" and ours["reland_item_fusion"] == "concat"
+    assert run_suite.run_differences("BPR_ReLand", ours, {"seed": 1, "show_progress": False}) == [
+        "reland_item_fusion", "reland_user_fusion"]
+    assert "reland_user_fusion" not in run_suite.cell_settings(suite, entries["DeepFM_REKI"], 1)
+    assert "reland_user_fusion" not in run_suite.cell_settings(suite, entries["BPR"], 1)

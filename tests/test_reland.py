@@ -11,8 +11,8 @@ import torch
 
 from recbole_llmk.knowledge.history import LeakageError, training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore
-from recbole_llmk.model.layers import AttentionFusion, FusedEmbedding
-from recbole_llmk.quick_start import prepare, run_recbole_llmk
+from recbole_llmk.model.layers import AttentionFusion, ConcatFusion, FusedEmbedding, GatedFusion
+from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
 from recbole_llmk.techniques.reland import (SeedSampler, nearest_seeds, parse_rationale, proportional_allocation,
                                             reland_requests, train_behaviour_encoder)
 from recbole_llmk.utils import get_model
@@ -111,12 +111,29 @@ def test_attention_fusion_is_a_convex_combination():
     assert torch.allclose(fusion(sequence, t)[:, 1], fusion(sequence[:, 1], t))
 
 
-def test_fused_embedding_lookup_equals_weight_rows_and_keeps_padding_zero():
+@pytest.mark.parametrize("fusion_class", [GatedFusion, ConcatFusion])
+def test_gate_and_concat_start_as_the_id_embedding_and_learn_from_the_first_step(fusion_class):
     torch.manual_seed(0)
-    table = FusedEmbedding(torch.nn.Embedding(7, 4, padding_idx=0), np.random.rand(6, 3).astype(np.float32))
+    fusion = fusion_class(8, 5)
+    e, t = torch.randn(6, 8, requires_grad=True), torch.randn(6, 5)
+    assert torch.equal(fusion(e, t), e)
+    sequence = torch.randn(6, 3, 8)
+    assert torch.equal(fusion(sequence, t), sequence)
+    fused = fusion(e, t)
+    (fused * torch.randn(6, 8)).sum().backward()
+    grads = [p.grad for p in fusion.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the knowledge can open from step one
+    assert not torch.allclose(AttentionFusion(8, 5)(e, t), e)  # the paper's fusion does not start there
+
+
+def test_fused_embedding_lookup_equals_weight_rows_and_leaves_padding_unfused():
+    torch.manual_seed(0)
+    table = FusedEmbedding(torch.nn.Embedding(7, 4, padding_idx=0), np.random.rand(6, 3).astype(np.float32),
+                           AttentionFusion(4, 3))
     ids = torch.tensor([[0, 3, 6], [5, 1, 0]])
     assert torch.allclose(table(ids), table.weight[ids])
-    assert table.weight[0].abs().sum() == 0 and table.knowledge[6].abs().sum() == 0  # row 6: beyond the knowledge
+    assert torch.equal(table.weight[0], table.embedding.weight[0])
+    assert table.knowledge[6].abs().sum() == 0  # row 6: beyond the knowledge
 
 
 # --- end to end --------------------------------------------------------------------------------------
@@ -154,6 +171,35 @@ def test_every_reland_variant_trains_and_full_sort_evaluates(reland_config, base
     assert any("user" in name for name in fused) or model.user_fusion is not None
     store = KnowledgeStore.open(result["knowledge_store"])
     assert store.meta["technique"] == "ReLand" and store.meta["generation"]["requested"] == 6  # 20 % of 30 users
+
+
+def scores_at_initialisation(name, config):
+    """``name``'s untrained full-sort scores for the first test batch."""
+    config, dataset, train_data, _, test_data = prepare(name, "tiny", config_dict=config)
+    build_knowledge(config, train_data)
+    model = create_model(config, train_data).eval()
+    interaction = next(iter(test_data))[0]
+    with torch.no_grad():
+        return model.full_sort_predict(interaction)
+
+
+@pytest.mark.parametrize("base", ["BPR", "SASRec"])
+def test_default_fusions_start_as_the_stock_model(reland_config, base):
+    """Gate (user) and concat (item) cannot do worse than the ID-only model at initialisation: a
+    variant's untrained scores are the stock model's, while the paper's attention fusion moves them."""
+    config = for_model(reland_config, base)
+    stock = scores_at_initialisation(base, config)
+    variant = scores_at_initialisation(f"{base}_ReLand", config)
+    attention = scores_at_initialisation(f"{base}_ReLand", dict(config, reland_user_fusion="attention",
+                                                                  reland_item_fusion="attention"))
+    assert torch.allclose(stock, variant, atol=1e-5)
+    assert not torch.allclose(stock, attention, atol=1e-3)
+
+
+def test_a_fusion_or_control_outside_its_choices_is_refused_before_any_knowledge(reland_config, workdir):
+    for setting in ("reland_user_fusion", "reland_item_fusion", "knowledge_control"):
+        with pytest.raises(ValueError, match=f"{setting}: 'sum' is not one of"):
+            prepare("BPR_ReLand", "tiny", config_dict=dict(reland_config, **{setting: "sum"}))
 
 
 def test_ablations_and_unsupported_models(reland_config):

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from recbole_llmk.files import written_whole
+from recbole_llmk.knowledge.controls import apply_control
 
 
 class KnowledgeStoreError(ValueError):
@@ -132,6 +133,14 @@ class KnowledgeStore:
             f"covered, {cold} get the {default} default vector"
             + (f", {int((~known).sum())} stored tokens not in this dataset" if (~known).any() else ""))
         return table
+
+
+def run_table(store, config, dataset, kind, side):
+    """``store``'s ``kind`` vectors aligned to ``dataset`` for ``side`` (``user``/``item``), with the
+    run's ``knowledge_default`` and ``knowledge_control``."""
+    field = config["USER_ID_FIELD" if side == "user" else "ITEM_ID_FIELD"]
+    table = store.aligned(kind, dataset, field, config["knowledge_default"])
+    return apply_control(table, config["knowledge_control"], config["seed"], side)
 
 
 def _json(path):

@@ -131,11 +131,13 @@ def widen_first_linear(module, extra_dim):
 
 
 class AttentionFusion(nn.Module):
-    """ReLand's fusion of an embedding ``e`` with a knowledge vector ``t``:
+    """ReLand's fusion of an embedding ``e`` with a knowledge vector ``t`` (the paper's user side):
     ``z = Linear(t)``, ``(a1, a2) = softmax(e·w, z·w)`` with one learned ``w``, ``e' = a1 e + a2 z``.
 
+    It starts near a 50/50 mix of ``e`` and a random projection of ``t``, so at initialisation it
+    is worse than the ID embedding alone and only half of each gradient reaches the ID rows.
     ``e`` may carry extra leading dimensions (e.g. every position of a sequence); ``t`` is
-    broadcast over them."""
+    broadcast over them, as in every fusion here."""
 
     def __init__(self, dim, knowledge_dim):
         super().__init__()
@@ -146,31 +148,80 @@ class AttentionFusion(nn.Module):
         return torch.softmax(torch.cat([self.score(e), self.score(z)], dim=-1), dim=-1)
 
     def forward(self, e, t):
-        z = self.project(t)
-        while z.dim() < e.dim():
-            z = z.unsqueeze(-2)
-        z = z.expand_as(e)
+        z = _broadcast(self.project(t), e)
         a = self.weights(e, z)
         return a[..., :1] * e + a[..., 1:] * z
 
 
+class GatedFusion(nn.Module):
+    """``e' = e + g ⊙ Linear(t)`` with a per-dimension gate ``g`` that starts at zero.
+
+    At initialisation ``e' = e``: the model is exactly its ID-only self, every gradient reaches
+    the ID rows whole, and the knowledge enters only as far as training opens the gate (``g``'s
+    gradient is ``Linear(t) ⊙ ∂L/∂e'``, non-zero from the first step)."""
+
+    def __init__(self, dim, knowledge_dim):
+        super().__init__()
+        self.project = nn.Linear(knowledge_dim, dim)
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, e, t):
+        return e + self.gate * _broadcast(self.project(t), e)
+
+
+class ConcatFusion(nn.Module):
+    """ReLand's "+f_item" as the paper writes it: the ID embedding concatenated with the feature
+    representation, ``e' = W [e; t] + b``, projected back to the model's dimension (every RecBole
+    model scores in it). ``W`` starts as ``[I | 0]`` and ``b`` at zero, so at initialisation
+    ``e' = e`` and the ID rows get their whole gradient."""
+
+    def __init__(self, dim, knowledge_dim):
+        super().__init__()
+        self.project = nn.Linear(dim + knowledge_dim, dim)
+        with torch.no_grad():
+            self.project.weight.zero_()
+            self.project.weight[:, :dim] = torch.eye(dim)
+            self.project.bias.zero_()
+
+    def forward(self, e, t):
+        return self.project(torch.cat([e, _broadcast(t, e)], dim=-1))
+
+
+def _broadcast(z, e):
+    """``z`` ([B, d]) repeated over ``e``'s extra leading dimensions (e.g. sequence positions)."""
+    while z.dim() < e.dim():
+        z = z.unsqueeze(-2)
+    return z.expand(*e.shape[:-1], z.shape[-1])
+
+
+FUSIONS = {"attention": AttentionFusion, "gate": GatedFusion, "concat": ConcatFusion}
+
+
+def make_fusion(kind, dim, knowledge_dim, setting):
+    """The fusion named ``kind`` (a value of the yaml ``setting``)."""
+    if kind not in FUSIONS:
+        raise ValueError(f"{setting}: '{kind}' is not a fusion; choose one of {', '.join(FUSIONS)}")
+    return FUSIONS[kind](dim, knowledge_dim)
+
+
 class FusedEmbedding(nn.Module):
-    """An ID embedding table whose rows are fused with fixed knowledge vectors.
+    """An ID embedding table whose rows are fused with fixed knowledge vectors by ``fusion``
+    (one of :data:`FUSIONS`, built for the table's dimension and the knowledge's).
 
     A drop-in for the ``nn.Embedding`` it wraps, in the two ways RecBole models use one: called
     with ids, or read whole through ``.weight`` (graph propagation, full-sort scoring). Both give
     the fused rows, so every path through the model, evaluation included, sees the knowledge.
-    The padding row stays zero. Knowledge rows beyond the table (e.g. BERT4Rec's mask token)
+    The padding row is not fused (it carries no id). Knowledge rows beyond the table (e.g. BERT4Rec's mask token)
     are zero."""
 
-    def __init__(self, embedding, knowledge):
+    def __init__(self, embedding, knowledge, fusion):
         super().__init__()
         self.embedding = embedding
         rows = torch.zeros(embedding.num_embeddings, knowledge.shape[1])
         n = min(len(knowledge), embedding.num_embeddings)
         rows[:n] = torch.as_tensor(knowledge[:n])
         self.register_buffer("knowledge", rows, persistent=False)
-        self.fusion = AttentionFusion(embedding.embedding_dim, knowledge.shape[1])
+        self.fusion = fusion
 
     @property
     def num_embeddings(self):
@@ -186,8 +237,8 @@ class FusedEmbedding(nn.Module):
 
     def _fuse(self, rows, ids):
         fused = self.fusion(rows, self.knowledge[ids])
-        if self.padding_idx is not None:
-            fused = fused.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0.0)
+        if self.padding_idx is not None:  # the padding row is the table's own, as in the stock model
+            fused = torch.where((ids == self.padding_idx).unsqueeze(-1), rows, fused)
         return fused
 
     def forward(self, ids):

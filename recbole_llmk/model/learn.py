@@ -54,7 +54,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llmk.knowledge.history import training_dataset
-from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce
+from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
 from recbole_llmk.model.reki import KnowledgeMixin, knowledge_variant
 
 MASKED = -10000.0  # RecBole's additive attention mask value
@@ -62,11 +62,11 @@ ITEM_TOWERS = (1, 2, 3)
 SIMILARITIES = ("cos", "dot")
 
 
-def content_table(config, dataset, field):
+def content_table(config, dataset):
     """The LEARN store's item vectors as ``[n_items, dim]``, row = internal item id, row 0 zero."""
     store = KnowledgeStore.open(config["knowledge_store"])
     store.check({"technique": "LEARN", "dataset": config["dataset"], "encoder": config["text_encoder"]})
-    table = store.aligned("item", dataset, field, config["knowledge_default"] or "mean")
+    table = run_table(store, config, dataset, "item", "item")
     if config["knowledge_pca_dim"]:
         table = pca_reduce([table], config["knowledge_pca_dim"])[0]
     return torch.from_numpy(table)
@@ -197,7 +197,7 @@ class LEARN(SequentialRecommender):
         self.window_rate = 1.0 / self.target_len if rate is None else float(rate)
         self._check_settings()
         # frozen CEG output; rebuilt from the store, so checkpoints do not carry it (as REKI)
-        self.register_buffer("content", content_table(config, dataset, self.ITEM_ID), persistent=False)
+        self.register_buffer("content", content_table(config, dataset), persistent=False)
         out_dim = self.content.shape[1] if self.item_tower == 3 else config["embedding_size"]
         self.tower = PreferenceTower(self.content.shape[1], out_dim, config,
                                      max(self.history_len, self.target_len))

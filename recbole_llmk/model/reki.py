@@ -21,7 +21,7 @@ import numpy as np
 from recbole.model.abstract_recommender import ContextRecommender, SequentialRecommender
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
-from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce
+from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
 from recbole_llmk.model.layers import ConcatInput, KnowledgeFields
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
@@ -42,10 +42,8 @@ def knowledge_fields(model, config, dataset):
     store = KnowledgeStore.open(config["knowledge_store"])
     store.check({"technique": model.store_technique, "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
-    default = config["knowledge_default"] or "mean"
     kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}
-    fields = {"user": model.USER_ID, "item": model.ITEM_ID}
-    tables = {side: [store.aligned(kind, dataset, fields[side], default) for kind in kinds[side]] for side in fields}
+    tables = {side: [run_table(store, config, dataset, kind, side) for kind in kinds[side]] for side in kinds}
     if config["knowledge_pca_dim"]:  # one projection for every kind: they share the encoder's space
         reduced = pca_reduce(tables["user"] + tables["item"], config["knowledge_pca_dim"])
         tables = {"user": reduced[:len(tables["user"])], "item": reduced[len(tables["user"]):]}

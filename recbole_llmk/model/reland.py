@@ -5,8 +5,19 @@ Reference:
     Recommenders via a Controllable Reasoning Pool." RecSys 2024 (ReLand).
 
 Knowledge (``techniques.reland``): every training user's retrieved seed rationale (Step 2) and
-every item's description, encoded by the text encoder. They enter through
-:class:`~recbole_llmk.model.layers.AttentionFusion`, one rule per family and side:
+every item's description, encoded by the text encoder. Each side enters through a fusion of
+:mod:`recbole_llmk.model.layers`, chosen by ``reland_user_fusion`` and ``reland_item_fusion``:
+
+- ``attention``: the paper's fusion, ``e' = a1 e + a2 Linear(t)`` with softmax weights;
+- ``gate`` (user default): ``e' = e + g ⊙ Linear(t)``, ``g`` starting at zero;
+- ``concat`` (item default): ``e' = W [e; t]``, the paper's "+f_item" concatenation, ``W`` starting
+  as ``[I | 0]``.
+
+Deviation from the paper: the user side defaults to ``gate``, not the paper's attention. Both
+defaults start as the ID-only model, so the knowledge can only be added by training; the
+attention fusion starts near a 50/50 mix with a random projection of the text and halves the
+gradient reaching the ID rows (``benchmarks/suites/reland_fusion_ml100k.yaml`` compares them).
+Where they enter, one rule per family and side:
 
 - user side (``reland_user_rationale``), general models: every user ID table of the model (a direct
   ``nn.Embedding`` child named ``*user*`` with a row per user) becomes a
@@ -29,8 +40,8 @@ from recbole.model.abstract_recommender import GeneralRecommender, SequentialRec
 from torch import nn
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
-from recbole_llmk.knowledge.store import KnowledgeStore
-from recbole_llmk.model.layers import AttentionFusion, FusedEmbedding
+from recbole_llmk.knowledge.store import KnowledgeStore, run_table
+from recbole_llmk.model.layers import FusedEmbedding, make_fusion
 from recbole_llmk.techniques.reland import uses_side
 
 # General models without an ID table per user or item to fuse into, and why.
@@ -58,10 +69,8 @@ def knowledge_tables(config, dataset):
     store = KnowledgeStore.open(config["knowledge_store"])
     store.check({"technique": "ReLand", "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
-    default = config["knowledge_default"] or "mean"
-    fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"]}
-    return {side: torch.from_numpy(store.aligned(side, dataset, field, default))
-            for side, field in fields.items() if uses_side(config, side)}
+    return {side: torch.from_numpy(run_table(store, config, dataset, side, side))
+            for side in ("user", "item") if uses_side(config, side)}
 
 
 def fitting_variants(base_name, exclude):
@@ -79,12 +88,20 @@ def fitting_variants(base_name, exclude):
     return fits
 
 
-def fuse_tables(model, side, table):
+def fusion(config, side, dim, knowledge_dim):
+    """The fusion ``reland_<side>_fusion`` names, for ``dim``-wide embeddings."""
+    setting = f"reland_{side}_fusion"
+    return make_fusion(config[setting], dim, knowledge_dim, setting)
+
+
+def fuse_tables(model, config, side, table):
     names = id_tables(model, side, len(table))
     if not names:
         raise ValueError(f"{type(model).__name__} has no {side} ID embedding table to fuse ReLand knowledge into")
     for name in names:
-        setattr(model, name, FusedEmbedding(getattr(model, name), table))
+        embedding = getattr(model, name)
+        setattr(model, name, FusedEmbedding(embedding, table, fusion(config, side, embedding.embedding_dim,
+                                                                     table.shape[1])))
 
 
 class ReLandMixin:
@@ -141,7 +158,7 @@ class ReLandGeneral(ReLandMixin, GeneralRecommender):
         tables = self._tables(config, dataset)
         for side in ("user", "item"):
             if tables is not None and uses_side(config, side):
-                fuse_tables(self, side, tables[side])
+                fuse_tables(self, config, side, tables[side])
 
 
 class ReLandSequential(ReLandMixin, SequentialRecommender):
@@ -160,18 +177,19 @@ class ReLandSequential(ReLandMixin, SequentialRecommender):
             raise ValueError(f"{type(self).__name__} has no item ID embedding table")
         dim = getattr(self, items[0]).embedding_dim  # sequence representations are scored against it
         if uses_side(config, "item"):
-            fuse_tables(self, "item", tables["item"])
+            fuse_tables(self, config, "item", tables["item"])
         if uses_side(config, "user"):
             self.USER_ID = config["USER_ID_FIELD"]
             self.register_buffer("user_knowledge", tables["user"], persistent=False)
-            self.user_fusion = AttentionFusion(dim, tables["user"].shape[1])
+            self.user_fusion = fusion(config, "user", dim, tables["user"].shape[1])
+            self.sequence_dim = dim
 
     def forward(self, *args, **kwargs):
         output = super().forward(*args, **kwargs)
         if self.user_fusion is None:
             return output
         users = self._batch_users
-        if users is None or output.shape[0] != users.shape[0] or output.shape[-1] != self.user_fusion.score.in_features:
+        if users is None or output.shape[0] != users.shape[0] or output.shape[-1] != self.sequence_dim:
             raise RuntimeError(
                 f"{type(self).__name__}: ReLand fuses the rationale into forward's sequence representation, "
                 "but forward was called outside calculate_loss/predict/full_sort_predict or returned "
@@ -208,5 +226,5 @@ def reland_variant(base):
     else:
         raise ValueError(f"{name}_ReLand is not supported: ReLand augments RecBole's general and sequential "
                          f"models; {name} is a {base.type.name.lower()} model.")
-    doc = f"{name} with ReLand knowledge (retrieved seed rationale and item text, attention fusion).\n\n{__doc__}"
+    doc = f"{name} with ReLand knowledge (retrieved seed rationale and item text, fused into its embeddings).\n\n{__doc__}"
     return type(f"{name}_ReLand", (mixin, base), {"__doc__": doc, "base_model_name": name, "__module__": __name__})

@@ -1,0 +1,62 @@
+"""Control knowledge (``knowledge_control``): same tables, content taken away; the store untouched."""
+
+import numpy as np
+import torch
+
+from recbole_llmk.knowledge.controls import apply_control
+from recbole_llmk.knowledge.store import KnowledgeStore
+from recbole_llmk.quick_start import build_knowledge, create_model, prepare
+
+
+def table(n=9, dim=4, seed=0):
+    rows = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    rows[0] = 0.0  # padding
+    return rows
+
+
+def test_shuffled_gives_every_id_another_ids_row_and_moves_a_sides_kinds_together():
+    liked, history = table(seed=1), table(seed=2)
+    shuffled = apply_control(liked, "shuffled", 2020, "user")
+    assert np.array_equal(shuffled[0], liked[0])
+    order = [int(np.flatnonzero((liked == row).all(1))[0]) for row in shuffled[1:]]
+    assert sorted(order) == list(range(1, len(liked))) and order != list(range(1, len(liked)))  # a permutation, not the identity
+    again = apply_control(history, "shuffled", 2020, "user")  # another kind of the same side: same owners
+    assert np.array_equal(again[1:], history[order])
+    assert not np.array_equal(apply_control(liked, "shuffled", 2021, "user"), shuffled)  # the seed decides
+    assert not np.array_equal(apply_control(liked, "shuffled", 2020, "item"), shuffled)  # each side its own
+    assert apply_control(liked, None, 2020, "user") is liked
+
+
+def test_constant_gives_every_id_the_mean():
+    rows = table()
+    constant = apply_control(rows, "constant", 2020, "item")
+    assert np.array_equal(constant[0], rows[0])
+    assert np.allclose(constant[1:], rows[1:].mean(0))
+
+
+def distinct_item_store(config, workdir):
+    """The run's real store, its item vectors replaced by distinct random ones (the tiny encoder
+    knows none of the tiny dataset's words, so every real item vector is the same)."""
+    cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=config)
+    real = build_knowledge(cfg, train_data)
+    tokens, vectors = real.vectors("item")
+    texts = real.texts("item")
+    meta = {k: v for k, v in real.meta.items() if k not in ("kinds", "dims")}
+    rows = np.random.default_rng(0).normal(size=vectors.shape)
+    return KnowledgeStore.write(str(workdir / "distinct"), meta, {"item": (tokens, rows, [texts[t] for t in tokens])})
+
+
+def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets(tiny_config, workdir):
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
+    config["knowledge_store_path"] = distinct_item_store(config, workdir).path
+    tables = {}
+    for control in (None, "shuffled", "constant"):
+        cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(config, knowledge_control=control))
+        assert build_knowledge(cfg, train_data).path == config["knowledge_store_path"]
+        tables[control] = create_model(cfg, train_data).item_embedding.knowledge
+    real, shuffled, constant = tables[None], tables["shuffled"], tables["constant"]
+    assert len(torch.unique(real[1:], dim=0)) == len(real) - 1
+    assert not torch.equal(real, shuffled)
+    assert torch.equal(torch.sort(real[1:], dim=0).values, torch.sort(shuffled[1:], dim=0).values)
+    assert torch.allclose(constant[1:], real[1:].mean(0).expand_as(constant[1:]), atol=1e-6)
