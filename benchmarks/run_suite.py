@@ -14,6 +14,7 @@ the LLM are, train where the GPU is (``benchmarks/device_session.py``). Not part
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -126,9 +127,8 @@ def cell_settings(suite, entry, seed):
     settings.update(suite["model_config"].get(entry["model"], {}))
     settings.update(entry["config"])
     settings.update({"seed": seed, "show_progress": False})
-    technique = technique_of(entry["model"])
-    for key in BEFORE_IT_EXISTED.get(technique, {}):  # what the run uses, named: see BEFORE_IT_EXISTED
-        settings.setdefault(key, technique_defaults(technique)[key])
+    for key in old_values(entry["model"], settings):  # what the run uses, named: see BEFORE_IT_EXISTED
+        settings.setdefault(key, plugin_defaults()[key])
     return settings
 
 
@@ -158,10 +158,42 @@ class Placeholders(dict):
 REPORT_ONLY = ("metrics", "topk")
 # settings that say where a run keeps its files (stores are found by content), not what it computes
 WHERE_ONLY = ("checkpoint_dir", "knowledge_dir", "llm_cache_dir")
-# per technique, settings added after cells were recorded and the value every run had before they
-# existed: a cell records them always now (``cell_settings``), so one that does not ran with that
-# value (ReLand had only the attention fusion before)
-BEFORE_IT_EXISTED = {"ReLand": {"reland_user_fusion": "attention", "reland_item_fusion": "attention"}}
+# Settings added after cells were recorded, the value every run had before they existed, and
+# which runs they change. A cell records them always now (``cell_settings``), so one that does not
+# ran with that old value: ReLand had only the attention fusion; sampled evaluation (uni100, DIN's
+# quick start) drew other negatives for every cell.
+def reads_reland(model, settings):
+    return technique_of(model) == "ReLand"
+
+
+def samples_at_evaluation(model, settings):
+    """Whether the run scores sampled negatives: its ``eval_args`` mode, or RecBole's quick start
+    for DIN and DIEN (``sequential_DIN.yaml``: uni100) when the suite sets none."""
+    mode = (settings.get("eval_args") or {}).get("mode")
+    if mode is None:
+        mode = "uni100" if (stock_of(model) or model) in ("DIN", "DIEN") else "full"
+    modes = mode.values() if isinstance(mode, dict) else [mode]
+    return any(str(m).startswith(("uni", "pop")) for m in modes)
+
+
+BEFORE_IT_EXISTED = {"reland_user_fusion": ("attention", reads_reland),
+                     "reland_item_fusion": ("attention", reads_reland),
+                     "eval_fixed_negatives": (False, samples_at_evaluation)}
+
+
+def old_values(model, settings):
+    return {k: old for k, (old, changes) in BEFORE_IT_EXISTED.items() if changes(model, settings)}
+
+
+@lru_cache(maxsize=None)
+def plugin_defaults():
+    """Every default in the plugin's property files (``recbole_llmk/properties``)."""
+    defaults = {}
+    folder = os.path.join(ROOT, "recbole_llmk", "properties")
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.yaml"), recursive=True)):
+        with open(path, encoding="utf-8") as f:
+            defaults.update(yaml.safe_load(f) or {})
+    return defaults
 
 
 def listed(config, key):
@@ -190,13 +222,6 @@ def technique_of(model):
 
 
 @lru_cache(maxsize=None)
-def technique_defaults(technique):
-    """``technique``'s yaml defaults (``recbole_llmk/properties/technique/<technique>.yaml``)."""
-    with open(os.path.join(ROOT, "recbole_llmk", "properties", "technique", f"{technique}.yaml"), encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
-
-
-@lru_cache(maxsize=None)
 def technique_keys():
     """The settings the knowledge techniques read: those their property files declare (read once
     per process: every cell's staleness and twin check asks)."""
@@ -216,7 +241,7 @@ def run_differences(model, ours, theirs):
     if theirs is None:
         return ["(settings not recorded)"]
     ignored = set(REPORT_ONLY) | set(WHERE_ONLY) | (technique_keys() if is_stock(model) else set())
-    theirs = {**BEFORE_IT_EXISTED.get(technique_of(model), {}), **theirs}
+    theirs = {**old_values(model, ours), **theirs}
     keys = {k for k in set(ours) | set(theirs) if k not in ignored and ours.get(k) != theirs.get(k)}
     if not reports_at_most(ours, theirs):
         keys |= {k for k in REPORT_ONLY if ours.get(k) != theirs.get(k)}

@@ -132,10 +132,44 @@ class ResumableMixin:
         return self._finished(state["epoch"])
 
 
+PHASE_STREAMS = {"valid": 1, "test": 2}
+
+
+def samples_negatives(eval_data):
+    """Whether ``eval_data`` draws negatives as it is read (RecBole's uni100/pop100 evaluation)."""
+    args = getattr(eval_data, "neg_sample_args", None) or {}
+    return args.get("distribution", "none") != "none" and args.get("sample_num", "none") != "none"
+
+
+class FixedNegativesMixin:
+    """Trainer mixin: with ``eval_fixed_negatives``, a sampled evaluation (uni100, pop100) draws
+    its negatives from numpy's generator seeded by the run's seed and the phase, and then gives
+    training its generator back as it was.
+
+    RecBole's evaluation loader samples each batch's negatives from numpy's global generator as it
+    is read, so they depend on every draw before it: the same weights evaluated twice, or a stock
+    model and its variant on one seed (other epochs, other knowledge building), are scored against
+    different negatives. Fixed, a seed's stock and variant cells see the same test negatives, and
+    early stopping compares epochs on the same validation negatives. (The loader samples in the
+    main process: RecBole's default ``worker_num`` 0.)"""
+
+    def evaluate(self, eval_data, *args, **kwargs):
+        if not (self.config["eval_fixed_negatives"] and samples_negatives(eval_data)):
+            return super().evaluate(eval_data, *args, **kwargs)
+        phase = getattr(getattr(eval_data, "_sampler", None), "phase", None) or "test"
+        training_state = np.random.get_state()
+        np.random.seed([self.config["seed"] % 2 ** 32, PHASE_STREAMS.get(phase, 0)])
+        try:
+            return super().evaluate(eval_data, *args, **kwargs)
+        finally:
+            np.random.set_state(training_state)
+
+
 def plugin_trainer_class(trainer_class):
-    """The trainer RecBole would pick, with weights-only-safe checkpoints and resumable fits."""
+    """The trainer RecBole would pick, with weights-only-safe checkpoints, resumable fits and fixed
+    sampled-evaluation negatives."""
     from recbole.trainer import Trainer
 
     if not issubclass(trainer_class, Trainer):
         return trainer_class  # decision-tree trainers keep their own fit and checkpoint format
-    return type(trainer_class.__name__, (ResumableMixin, SafeCheckpointMixin, trainer_class), {})
+    return type(trainer_class.__name__, (FixedNegativesMixin, ResumableMixin, SafeCheckpointMixin, trainer_class), {})

@@ -349,7 +349,7 @@ def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
 
     def cell(model, seed, auc):
         return {"model": model, "seed": seed, "test": {"auc": auc}, "epochs_run": 3,
-                "settings": {"seed": seed, "show_progress": False}}
+                "settings": {"seed": seed, "show_progress": False, "eval_fixed_negatives": True}}
 
     cells = workdir / "results" / "suite" / "cells"
     cells.mkdir(parents=True)
@@ -550,3 +550,19 @@ def test_a_cell_recorded_before_a_setting_existed_ran_with_its_old_value(tmp_pat
         "reland_item_fusion", "reland_user_fusion"]
     assert "reland_user_fusion" not in run_suite.cell_settings(suite, entries["DeepFM_REKI"], 1)
     assert "reland_user_fusion" not in run_suite.cell_settings(suite, entries["BPR"], 1)
+
+
+def test_sampled_evaluation_cells_from_before_fixed_negatives_are_another_run(tmp_path):
+    """DIN's quick start evaluates on uni100: a DIN cell that does not record
+    eval_fixed_negatives drew its own negatives; a full-ranking cell is the same run either way."""
+    suite = {"dataset": "tiny", "seeds": [1], "models": ["DIN", "DIN_REKI", "DeepFM"],
+             "model_config": {"DeepFM": {"eval_args": {"mode": {"valid": "full", "test": "uni100"}}}}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    suite = run_suite.load_suite(str(path))
+    for entry in suite["entries"]:
+        ours = run_suite.cell_settings(suite, entry, 1)
+        assert ours["eval_fixed_negatives"] is True
+        recorded = {k: v for k, v in ours.items() if k != "eval_fixed_negatives"}
+        assert run_suite.run_differences(entry["model"], ours, recorded) == ["eval_fixed_negatives"]
+    assert not run_suite.samples_at_evaluation("BPR", {}) and run_suite.samples_at_evaluation("DIEN_REKI", {})

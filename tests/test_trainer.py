@@ -98,3 +98,29 @@ def test_epochs_between_evaluations_are_saved_too(config, workdir, kill_at):
     assert resumed.resumed_after == [kill_at - 1] and len(resumed.epoch_seconds) == EPOCHS
     assert same_weights(weights, resumed_weights)
     assert resumed_best == best and resumed_test == test
+
+
+def sampled_run(tiny_config, fixed):
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    config.update(eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni10"},
+                  metrics=["AUC"], valid_metric="AUC", eval_fixed_negatives=fixed, train_batch_size=32)
+    config, _, train_data, _, test_data = prepare("BPR", "tiny", config_dict=config)
+    trainer = get_trainer(config)(config, create_model(config, train_data))
+    return trainer, test_data
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_sampled_evaluation_scores_against_the_same_negatives_whatever_came_before(tiny_config, fixed):
+    """uni10 on a stock model: with eval_fixed_negatives the result does not depend on numpy's
+    generator before the evaluation (other epochs, another model's knowledge building), and the
+    generator is given back untouched; RecBole's own behaviour (False) draws other negatives."""
+    import numpy as np
+
+    trainer, test_data = sampled_run(tiny_config, fixed)
+    results = []
+    for seed in (1, 2):
+        np.random.seed(seed)
+        before = np.random.get_state()[1].copy()
+        results.append(trainer.evaluate(test_data, load_best_model=False)["auc"])
+        assert (np.random.get_state()[1] == before).all() == fixed
+    assert (results[0] == results[1]) == fixed
