@@ -56,7 +56,7 @@ def choices():
     from recbole_llmk.model.layers import FUSIONS
 
     return {"knowledge_control": (None, *CONTROLS), "reland_user_fusion": tuple(FUSIONS),
-            "reland_item_fusion": tuple(FUSIONS)}
+            "reland_item_fusion": tuple(FUSIONS), "hein_fusion": tuple(FUSIONS)}
 
 
 def check_choices(settings):

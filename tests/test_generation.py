@@ -193,7 +193,9 @@ def test_a_dead_endpoint_fails_in_seconds_with_what_to_check(tmp_path, caplog):
     start = time.time()
     with pytest.raises(GenerationError, match="got no answer for 10 calls in a row") as info:
         make_backend(config, str(tmp_path)).generate(make_requests(200))
-    assert time.time() - start < 10 and info.value.report.called < 20
+    # the breaker's 10 calls, plus at most one prompt's attempts (1 + llm_max_retries 5) per worker
+    # in flight when it tripped (23 seen on a loaded machine); not 200 prompts' retries
+    assert time.time() - start < 10 and info.value.report.called < 10 + 4 * 6
     assert f"curl http://127.0.0.1:{base_url.split(':')[2]}" in str(info.value) and "connection error" in str(info.value)
 
 

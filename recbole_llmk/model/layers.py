@@ -35,6 +35,12 @@ class HEIN(nn.Module):
         self.user_out = nn.Linear(sizes[-1], output_dim)
         self.item_out = nn.Linear(sizes[-1], output_dim)
 
+    @classmethod
+    def from_config(cls, user_dim, item_dim, output_dim, config):
+        """HEIN sized by the run's ``hein_*`` settings."""
+        return cls(user_dim, item_dim, output_dim, config["hein_n_shared"], config["hein_n_user"], config["hein_n_item"],
+                   config["hein_hidden_sizes"], config["hein_dropout"])
+
     def _side(self, x, project, experts, gate, out):
         x = project(x)
         outputs = torch.stack([e(x) for e in (*self.shared, *experts)], dim=1)  # [B, E, h]
@@ -49,6 +55,19 @@ class HEIN(nn.Module):
 
     def forward(self, user_knowledge, item_knowledge):
         return self.user(user_knowledge), self.item(item_knowledge)
+
+
+class HEINSide(nn.Module):
+    """One side (``user``/``item``) of a HEIN, as a module: the adapter of that side's knowledge
+    where it is fused into ID embeddings (the HEIN, shared by both sides, is trained with them)."""
+
+    def __init__(self, hein, side):
+        super().__init__()
+        self.hein = hein
+        self.side = side
+
+    def forward(self, knowledge):
+        return getattr(self.hein, self.side)(knowledge)
 
 
 def per_unique_id(side, table, ids):
@@ -71,8 +90,7 @@ class KnowledgeFields(nn.Module):
         super().__init__()
         self.register_buffer("user_knowledge", torch.as_tensor(user_table), persistent=False)
         self.register_buffer("item_knowledge", torch.as_tensor(item_table), persistent=False)
-        self.hein = HEIN(user_table.shape[1], item_table.shape[1], output_dim, config["hein_n_shared"], config["hein_n_user"],
-                         config["hein_n_item"], config["hein_hidden_sizes"], config["hein_dropout"])
+        self.hein = HEIN.from_config(user_table.shape[1], item_table.shape[1], output_dim, config)
         self.prestored = False
 
     def forward(self, user, item):
@@ -204,9 +222,15 @@ def make_fusion(kind, dim, knowledge_dim, setting):
     return FUSIONS[kind](dim, knowledge_dim)
 
 
+def adapted(adapter, table, ids):
+    """``table[ids]``, through ``adapter`` (once per distinct id) when there is one."""
+    return table[ids] if adapter is None else per_unique_id(adapter, table, ids)
+
+
 class FusedEmbedding(nn.Module):
     """An ID embedding table whose rows are fused with fixed knowledge vectors by ``fusion``
-    (one of :data:`FUSIONS`, built for the table's dimension and the knowledge's).
+    (one of :data:`FUSIONS`, built for the table's dimension and the knowledge's), after a trained
+    ``adapter`` when there is one (e.g. a :class:`HEINSide`; run once per distinct id).
 
     A drop-in for the ``nn.Embedding`` it wraps, in the two ways RecBole models use one: called
     with ids, or read whole through ``.weight`` (graph propagation, full-sort scoring). Both give
@@ -214,7 +238,7 @@ class FusedEmbedding(nn.Module):
     The padding row is not fused (it carries no id). Knowledge rows beyond the table (e.g. BERT4Rec's mask token)
     are zero."""
 
-    def __init__(self, embedding, knowledge, fusion):
+    def __init__(self, embedding, knowledge, fusion, adapter=None):
         super().__init__()
         self.embedding = embedding
         rows = torch.zeros(embedding.num_embeddings, knowledge.shape[1])
@@ -222,6 +246,7 @@ class FusedEmbedding(nn.Module):
         rows[:n] = torch.as_tensor(knowledge[:n])
         self.register_buffer("knowledge", rows, persistent=False)
         self.fusion = fusion
+        self.adapter = adapter
 
     @property
     def num_embeddings(self):
@@ -236,13 +261,23 @@ class FusedEmbedding(nn.Module):
         return self.embedding.padding_idx
 
     def _fuse(self, rows, ids):
-        fused = self.fusion(rows, self.knowledge[ids])
+        fused = self.fusion(rows, adapted(self.adapter, self.knowledge, ids))
         if self.padding_idx is not None:  # the padding row is the table's own, as in the stock model
             fused = torch.where((ids == self.padding_idx).unsqueeze(-1), rows, fused)
         return fused
 
     def forward(self, ids):
         return self._fuse(self.embedding(ids), ids)
+
+    @torch.no_grad()
+    def prestore(self):
+        """Run the adapter once over every row and serve its output (REKI's deployment)."""
+        if self.adapter is not None:
+            was_training = self.adapter.training
+            self.adapter.eval()
+            self.knowledge = self.adapter(self.knowledge)
+            self.adapter.train(was_training)
+            self.adapter = None
 
     @property
     def weight(self):

@@ -336,6 +336,8 @@ class LEARNFeatures(KnowledgeMixin):
         from recbole_llmk.knowledge.pipeline import ensure_store
         from recbole_llmk.techniques.learn import learn_features_plan
 
+        if hasattr(cls, "check_fits"):  # a fused variant: its ID tables, before any knowledge
+            cls.check_fits(config, train_data._dataset)
         store = ensure_store(config, *learn_features_plan(config, training_dataset(train_data)))
         config["knowledge_store"] = store.path
         return store

@@ -18,11 +18,13 @@ from functools import lru_cache
 
 import numpy as np
 
-from recbole.model.abstract_recommender import ContextRecommender, SequentialRecommender
+import torch
+from recbole.model.abstract_recommender import ContextRecommender, GeneralRecommender, SequentialRecommender
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
-from recbole_llmk.model.layers import ConcatInput, KnowledgeFields
+from recbole_llmk.model.fusion import FusionTechnique, fused_variant
+from recbole_llmk.model.layers import HEIN, ConcatInput, FusedEmbedding, HEINSide, KnowledgeFields, make_fusion
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
 UNSUPPORTED = {
@@ -34,20 +36,26 @@ UNSUPPORTED = {
 DEEP_INTEREST = ("DIN", "DIEN")
 
 
-def knowledge_fields(model, config, dataset):
-    """HEIN over this run's stored knowledge, aligned to ``dataset``'s internal ids.
+def knowledge_tables(store_technique, config, dataset):
+    """The run's stored knowledge as ``(user_table, item_table)``, aligned to ``dataset``'s
+    internal ids.
 
     Each side reads the store kinds its technique wrote (``knowledge_kinds``: e.g. individual
     REKI ``user`` / ``item``; REKI-C adds cluster and history kinds), concatenated in that order."""
     store = KnowledgeStore.open(config["knowledge_store"])
-    store.check({"technique": model.store_technique, "dataset": config["dataset"],
+    store.check({"technique": store_technique, "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
     kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}
     tables = {side: [run_table(store, config, dataset, kind, side) for kind in kinds[side]] for side in kinds}
     if config["knowledge_pca_dim"]:  # one projection for every kind: they share the encoder's space
         reduced = pca_reduce(tables["user"] + tables["item"], config["knowledge_pca_dim"])
         tables = {"user": reduced[:len(tables["user"])], "item": reduced[len(tables["user"]):]}
-    user_table, item_table = (np.concatenate(tables[side], axis=1) for side in ("user", "item"))
+    return tuple(np.concatenate(tables[side], axis=1) for side in ("user", "item"))
+
+
+def knowledge_fields(model, config, dataset):
+    """HEIN over this run's stored knowledge: the two augmented-vector fields of a CTR model."""
+    user_table, item_table = knowledge_tables(model.store_technique, config, dataset)
     return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
 
 
@@ -69,6 +77,8 @@ class REKIMixin(KnowledgeMixin):
     def prepare_knowledge(cls, config, train_data):
         from recbole_llmk.techniques.reki import build_reki_knowledge
 
+        if hasattr(cls, "check_fits"):  # a fused variant: its ID tables, before any knowledge
+            cls.check_fits(config, train_data._dataset)
         store = build_reki_knowledge(config, training_dataset(train_data))
         config["knowledge_store"] = store.path
         return store
@@ -79,6 +89,36 @@ class REKIMixin(KnowledgeMixin):
         from recbole_llmk.techniques.reki import reki_requests
 
         return {"all": reki_requests(config, training_dataset(train_data))[1]().requests}
+
+
+class KnowledgeFusion(FusionTechnique):
+    """REKI's and LEARN's knowledge on general and sequential models: HEIN's augmented user and
+    item vectors, trained with the model, fused into its ID embeddings by ``hein_fusion`` (gate by
+    default: ``e' = e + g ⊙ HEIN(t)``, ``g`` from zero, so the variant starts as the stock model;
+    where each side enters is :mod:`recbole_llmk.model.fusion`'s rule, shared with ReLand)."""
+
+    def fused_tables(self, config, dataset):
+        user, item = knowledge_tables(self.store_technique, config, dataset)
+        self.knowledge_dims = (user.shape[1], item.shape[1])
+        return {"user": torch.from_numpy(user), "item": torch.from_numpy(item)}
+
+    def side_fusion(self, config, side, dim, knowledge_dim):
+        if getattr(self, "hein", None) is None:  # one HEIN for both sides (its shared experts)
+            self.hein = HEIN.from_config(*self.knowledge_dims, dim, config)
+        if self.hein.user_out.out_features != dim:
+            raise ValueError(f"{type(self).__name__}: its {side} ID table is {dim}-wide and another "
+                             f"{self.hein.user_out.out_features}-wide; one HEIN cannot serve both")
+        return HEINSide(self.hein, side), make_fusion(config["hein_fusion"], dim, dim, "hein_fusion")
+
+    def prestore_knowledge(self, drop_adapter=False):
+        """Run HEIN once over every user and item and serve its output (REKI's deployment)."""
+        for module in self.modules():
+            if isinstance(module, FusedEmbedding):
+                module.prestore()
+        if hasattr(self, "prestore_fused"):
+            self.prestore_fused()
+        if drop_adapter:
+            del self.hein
 
 
 class KnowledgeContext(ContextRecommender):
@@ -124,13 +164,12 @@ class KnowledgeDeepInterest(SequentialRecommender):
 
 
 def torch_cat(parts):
-    import torch
-
     return torch.cat([p for p in parts if p is not None and p.shape[1] > 0], dim=1)
 
 
 def knowledge_variant(base, mixin, suffix, doc):
-    """``<Base>_<suffix>``: a RecBole CTR model class with two knowledge fields from ``mixin``'s store."""
+    """``<Base>_<suffix>``: a RecBole model class with ``mixin``'s stored knowledge through HEIN:
+    two knowledge fields of a CTR model, or fused into a general or sequential model's ID embeddings."""
     name = base.__name__
     if name in UNSUPPORTED:
         raise ValueError(f"{name}_{suffix} is not supported: {name} is {UNSUPPORTED[name]}.")
@@ -138,10 +177,18 @@ def knowledge_variant(base, mixin, suffix, doc):
         bases = (base, mixin, KnowledgeContext)
     elif name in DEEP_INTEREST:
         bases = (mixin, KnowledgeDeepInterest, base)
+    elif issubclass(base, (GeneralRecommender, SequentialRecommender)):
+        return fused_variant(base, fused_mixin(mixin), suffix, doc)
     else:
-        raise ValueError(f"{name}_{suffix} is not supported: it augments CTR models (RecBole's "
-                         f"context-aware models, DIN and DIEN); {name} is a {base.type.name.lower()} model.")
+        raise ValueError(f"{name}_{suffix} is not supported: it augments RecBole's context-aware, general and "
+                         f"sequential models; {name} is a {base.type.name.lower()} model.")
     return type(f"{name}_{suffix}", bases, {"__doc__": doc, "base_model_name": name, "__module__": mixin.__module__})
+
+
+@lru_cache(maxsize=None)
+def fused_mixin(mixin):
+    """``mixin`` (a technique's knowledge) with HEIN fused into ID embeddings."""
+    return type(f"{mixin.__name__}Fused", (KnowledgeFusion, mixin), {"__module__": mixin.__module__})
 
 
 @lru_cache(maxsize=None)

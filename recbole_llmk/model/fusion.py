@@ -1,0 +1,204 @@
+r"""Knowledge fused into the ID embeddings of RecBole's general and sequential models.
+
+One mechanism for every technique (ReLand's retrieved rationale, REKI's and LEARN's HEIN-adapted
+vectors), one rule per family and side:
+
+- user side, general models: every user ID table of the model (a direct ``nn.Embedding`` child
+  named ``*user*`` with a row per user) becomes a :class:`~recbole_llmk.model.layers.FusedEmbedding`,
+  so ``e'_u`` is used wherever the model reads ``e_u`` (BPR's lookup, LightGCN/NGCF's graph
+  propagation, both NeuMF towers);
+- user side, sequential models: their ``forward`` gets no user id, so the variant remembers the
+  batch's users in ``calculate_loss`` / ``predict`` / ``full_sort_predict`` and fuses the user's
+  knowledge into what ``forward`` returns, the sequence representation (every position, for models
+  such as BERT4Rec that return all of them);
+- item side: every item ID table likewise becomes a ``FusedEmbedding``, so full-sort evaluation,
+  which reads the whole table, ranks fused items.
+
+A technique's mixin, placed before :class:`FusedGeneral` / :class:`FusedSequential` in the MRO,
+says what is fused and how (:class:`FusionTechnique`). Models without such tables are refused
+before any knowledge is built (``check_fits``).
+"""
+
+import torch
+from recbole.model.abstract_recommender import GeneralRecommender, SequentialRecommender
+from torch import nn
+
+from recbole_llmk.model.layers import FusedEmbedding, adapted
+
+# General models without an ID table per user or item to fuse into, and why.
+NO_ID_TABLES = {
+    "Pop": "not a learned model: it ranks by popularity",
+    "ItemKNN": "not a learned model: item-item similarity counts",
+    "EASE": "closed-form item-item weights, no embeddings",
+    "SLIMElastic": "closed-form item-item weights, no embeddings",
+    "ADMMSLIM": "closed-form item-item weights, no embeddings",
+    "NCEPLRec": "closed-form projections, no embeddings",
+    "FISM": "without a user table: a user is the mean of its items' embeddings",
+    "NAIS": "without a user table: a user is an attention over its items' embeddings",
+}
+
+
+def id_tables(model, side, n):
+    """Names of ``model``'s direct ``nn.Embedding`` children for ``side`` (``user``/``item``)
+    with one row per id (or one more, e.g. BERT4Rec's mask token)."""
+    return [name for name, module in model.named_children()
+            if isinstance(module, nn.Embedding) and side in name and module.num_embeddings in (n, n + 1)]
+
+
+def fitting_variants(base_name, exclude):
+    """The other techniques' variants of ``base_name`` that resolve (e.g. DIN_REKI, DIN_LEARN)."""
+    from recbole_llmk.utils import TECHNIQUES, get_model
+
+    fits = []
+    for technique in TECHNIQUES:
+        if technique != exclude:
+            try:
+                get_model(f"{base_name}_{technique}")
+            except ValueError:
+                continue
+            fits.append(f"{base_name}_{technique}")
+    return fits
+
+
+class FusionTechnique:
+    """What a technique tells the fused families (its mixin implements both):
+
+    - ``fused_sides(config)``: the sides it fuses in this run;
+    - ``fused_tables(config, dataset)``: ``{side: [n_ids, k] tensor}`` for those sides (the
+      knowledge aligned to internal ids), or ``None`` for the ID-only model;
+    - ``side_fusion(config, side, dim, knowledge_dim)``: ``(adapter, fusion)`` for that side:
+      ``adapter`` (a trained module, or ``None``) maps a row of the side's table, ``fusion`` fuses a
+      ``dim``-wide embedding with the result (``fusion(e, t) -> e'``).
+    """
+
+    @classmethod
+    def fused_sides(cls, config):
+        """The sides this run fuses (checked before any knowledge is built)."""
+        return ("user", "item")
+
+    def fused_tables(self, config, dataset):
+        raise NotImplementedError
+
+    def side_fusion(self, config, side, dim, knowledge_dim):
+        raise NotImplementedError
+
+
+def fuse_tables(model, config, side, table):
+    names = id_tables(model, side, len(table))
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no {side} ID embedding table to fuse knowledge into")
+    for name in names:
+        embedding = getattr(model, name)
+        adapter, fusion = model.side_fusion(config, side, embedding.embedding_dim, table.shape[1])
+        setattr(model, name, FusedEmbedding(embedding, table, fusion, adapter))
+
+
+class FusedFamily:
+    """The check both families share: refuse, before any knowledge is built (a behaviour model or
+    an LLM may run for minutes), a model without the ID tables the fusion needs."""
+
+    @classmethod
+    def check_fits(cls, config, dataset):
+        base = cls.__bases__[-1]
+        model = base(config, dataset)
+        sides = [s for s in cls.fused_sides(config) if s in cls.table_sides]
+        for side in sides:
+            if not id_tables(model, side, dataset.num(config[f"{side.upper()}_ID_FIELD"])):
+                others = fitting_variants(base.__name__, exclude=cls.technique)
+                raise ValueError(
+                    f"{cls.__name__} is not supported: {base.__name__} has no {side} ID embedding table (a direct "
+                    f"nn.Embedding attribute named *{side}* with a row per {side}) for the fusion of "
+                    f"{cls.technique} knowledge. Checked before any knowledge was built."
+                    + (f" What fits {base.__name__}: {', '.join(others)}." if others else ""))
+
+
+class FusedGeneral(FusedFamily, GeneralRecommender):
+    """Placed before a general model in the MRO: fuses its ID tables once it is built."""
+
+    table_sides = ("user", "item")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        tables = self.fused_tables(config, dataset)
+        for side in (tables or {}):
+            fuse_tables(self, config, side, tables[side])
+
+
+class FusedSequential(FusedFamily, SequentialRecommender):
+    """Placed before a sequential model in the MRO: fuses item tables, and the batch users'
+    knowledge into the sequence representation ``forward`` returns."""
+
+    table_sides = ("item",)  # the user side fuses into forward's output; items are scored
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self._batch_users = None
+        self.user_fusion = self.user_adapter = None
+        tables = self.fused_tables(config, dataset)
+        if tables is None:
+            return
+        items = id_tables(self, "item", self.n_items)
+        if not items:
+            raise ValueError(f"{type(self).__name__} has no item ID embedding table")
+        dim = getattr(self, items[0]).embedding_dim  # sequence representations are scored against it
+        if "item" in tables:
+            fuse_tables(self, config, "item", tables["item"])
+        if "user" in tables:
+            self.USER_ID = config["USER_ID_FIELD"]
+            self.register_buffer("user_knowledge", tables["user"], persistent=False)
+            self.user_adapter, self.user_fusion = self.side_fusion(config, "user", dim, tables["user"].shape[1])
+            self.sequence_dim = dim
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        if self.user_fusion is None:
+            return output
+        users = self._batch_users
+        if users is None or output.shape[0] != users.shape[0] or output.shape[-1] != self.sequence_dim:
+            raise RuntimeError(
+                f"{type(self).__name__}: the user's knowledge is fused into forward's sequence representation, "
+                "but forward was called outside calculate_loss/predict/full_sort_predict or returned "
+                f"something else (shape {tuple(output.shape)})")
+        return self.user_fusion(output, adapted(self.user_adapter, self.user_knowledge, users))
+
+    def _with_users(self, method, interaction):
+        self._batch_users = interaction[self.USER_ID] if self.user_fusion is not None else None
+        try:
+            return method(interaction)
+        finally:
+            self._batch_users = None
+
+    @torch.no_grad()
+    def prestore_fused(self):
+        """Adapt the user knowledge once, as the item tables do (``FusedEmbedding.prestore``)."""
+        if getattr(self, "user_adapter", None) is not None:
+            was_training = self.user_adapter.training
+            self.user_adapter.eval()
+            self.user_knowledge = self.user_adapter(self.user_knowledge)
+            self.user_adapter.train(was_training)
+            self.user_adapter = None
+
+    def calculate_loss(self, interaction):
+        return self._with_users(super().calculate_loss, interaction)
+
+    def predict(self, interaction):
+        return self._with_users(super().predict, interaction)
+
+    def full_sort_predict(self, interaction):
+        return self._with_users(super().full_sort_predict, interaction)
+
+
+def fused_variant(base, technique_mixin, suffix, doc):
+    """``<Base>_<suffix>`` for a general or sequential RecBole model: ``technique_mixin`` (a
+    :class:`FusionTechnique`) before the family's mixin before ``base``."""
+    name = base.__name__
+    if name in NO_ID_TABLES:
+        raise ValueError(f"{name}_{suffix} is not supported: {name} is {NO_ID_TABLES[name]}.")
+    if issubclass(base, SequentialRecommender):
+        family = FusedSequential
+    elif issubclass(base, GeneralRecommender):
+        family = FusedGeneral
+    else:
+        raise ValueError(f"{name}_{suffix} is not a fused variant: {name} is a {base.type.name.lower()} model.")
+    return type(f"{name}_{suffix}", (technique_mixin, family, base),
+                {"__doc__": doc, "base_model_name": name, "__module__": technique_mixin.__module__})
