@@ -11,6 +11,8 @@ import logging
 import os
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from recbole_llmk.defaults import setting
+
 HTTP_LOGGERS = ("httpx", "httpx2", "httpcore")
 
 
@@ -41,7 +43,7 @@ def url_secrets(url):
 def secrets_of(config):
     """{secret text: what to write instead} for a run's settings."""
     secrets = url_secrets(config["llm_base_url"])
-    key = os.environ.get(config["llm_api_key_env"] or "OPENAI_API_KEY")
+    key = os.environ.get(setting(config, "llm_api_key_env"))
     if key and len(key) >= 4:
         secrets[key] = "***"
     return secrets

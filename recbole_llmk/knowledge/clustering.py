@@ -25,8 +25,9 @@ import os
 
 import numpy as np
 
+from recbole_llmk.defaults import setting
+
 METHODS = ("streakhc", "kmeans")
-DEFAULT_CAPS = {"item": 80, "user": 100}
 
 
 class ClusteringError(ValueError):
@@ -648,25 +649,17 @@ class KMeansClusterer:
 # --- configuration and REKI's cluster representatives -------------------------------------------
 
 
-def _option(config, key, default):
-    """config[key] for RecBole's Config (None when missing) and plain dicts alike."""
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        value = None
-    return default if value is None else value
-
-
 def make_clusterer(config, kind="item"):
     """The clusterer the config asks for, capped for ``kind`` ("user" or "item").
 
-    Keys: ``cluster_method`` (streakhc | kmeans, default streakhc), ``item_cluster_size`` (80) and
-    ``user_cluster_size`` (100), REKI's caps, and ``seed`` (0)."""
-    if kind not in DEFAULT_CAPS:
+    Keys: ``cluster_method`` (streakhc | kmeans), ``item_cluster_size`` and ``user_cluster_size``
+    (REKI's caps; defaults in ``properties/overall.yaml``), and ``seed`` (0 when absent)."""
+    if kind not in ("user", "item"):
         raise ClusteringError(f"kind must be 'user' or 'item', got {kind!r}")
-    method = str(_option(config, "cluster_method", "streakhc")).lower()
-    cap = int(_option(config, f"{kind}_cluster_size", DEFAULT_CAPS[kind]))
-    seed = int(_option(config, "seed", 0))
+    method = str(setting(config, "cluster_method")).lower()
+    cap = int(setting(config, f"{kind}_cluster_size"))
+    seed = config["seed"] if "seed" in config else None  # RecBole's setting; 0 for a dict without one
+    seed = 0 if seed is None else int(seed)
     if method == "streakhc":
         return StreamingKernelTree(max_cluster_size=cap, seed=seed)
     if method == "kmeans":

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import yaml
 
+from recbole_llmk.defaults import setting
+
 HOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dataset_hooks")
 TEXT_TYPES = ("token", "token_seq")
 # A user the data gives no profile for (no .user file, or no row): what prompts and texts say.
@@ -92,7 +94,7 @@ class Describer:
         self.id_fields = {"user": config["USER_ID_FIELD"], "item": config["ITEM_ID_FIELD"]}
         self.rating_field = config["RATING_FIELD"]
         self.text_files = {"user": config["user_text_file"], "item": config["item_text_file"]}
-        self.missing_text = str(config["knowledge_missing_text"] or "warn").lower()
+        self.missing_text = str(setting(config, "knowledge_missing_text")).lower()
         if self.missing_text not in MISSING_TEXT_POLICIES:
             raise ValueError(f"knowledge_missing_text={self.missing_text!r}: choose one of {MISSING_TEXT_POLICIES}")
         self._described = {}

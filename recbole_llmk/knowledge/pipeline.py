@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.encoder import TextEncoder
 from recbole_llmk.knowledge.store import KnowledgeStore
 
@@ -30,9 +31,9 @@ def store_settings(config, technique, split, prompt_digest):
         "dataset": config["dataset"],
         "split": split,
         "encoder": config["text_encoder"],
-        "encoder_pooling": config["encoder_pooling"] or "mean",
-        "llm_backend": config["llm_backend"] or "none",
-        "llm_model": config["llm_model"] if (config["llm_backend"] or "none") != "none" else None,
+        "encoder_pooling": setting(config, "encoder_pooling"),
+        "llm_backend": setting(config, "llm_backend"),
+        "llm_model": config["llm_model"] if (setting(config, "llm_backend")) != "none" else None,
         "prompts": prompt_digest,
     }
     # Text from files outside the dataset: another file is another store (set only then, so the
@@ -41,7 +42,7 @@ def store_settings(config, technique, split, prompt_digest):
                   if config[f"{kind}_text_file"]}
     if text_files:
         settings["text_files"] = text_files
-    if (config["encoder_truncation"] or "head") != "head":  # likewise: only when not the default
+    if (setting(config, "encoder_truncation")) != "head":  # likewise: only when not the default
         settings["encoder_truncation"] = config["encoder_truncation"]
     return settings
 
@@ -59,12 +60,12 @@ def store_path(config, settings):
     if config["knowledge_store_path"]:
         return config["knowledge_store_path"]
     name = f"{settings['technique']}-{settings['llm_backend']}-{digest(settings)}"
-    return os.path.join(config["knowledge_dir"] or "saved/knowledge", config["dataset"], name)
+    return os.path.join(setting(config, "knowledge_dir"), config["dataset"], name)
 
 
 def cache_dir(config):
     """Where LLM answers are cached: ``llm_cache_dir``, or ``<knowledge_dir>/llm_cache``."""
-    return config["llm_cache_dir"] or os.path.join(config["knowledge_dir"] or "saved/knowledge", "llm_cache")
+    return config["llm_cache_dir"] or os.path.join(setting(config, "knowledge_dir"), "llm_cache")
 
 
 @dataclass

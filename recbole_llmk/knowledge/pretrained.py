@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.files import written_whole
 from recbole_llmk.knowledge.history import (LeakageError, pairs_outside, split_fingerprint, training_dataset,
                                           training_interactions)
@@ -106,7 +107,7 @@ def pretrained_vectors(config, frame, model, epochs, overrides=None):
 
     overrides = dict(overrides or {}, epochs=epochs)
     key = digest([split_fingerprint(frame), model, overrides, config["seed"]])
-    path = os.path.join(config["knowledge_dir"] or "saved/knowledge", config["dataset"], f"pretrained-{model}-{key}.npz")
+    path = os.path.join(setting(config, "knowledge_dir"), config["dataset"], f"pretrained-{model}-{key}.npz")
     with store_lock(path):  # parallel runs on one split train the model once
         if os.path.isfile(path):
             saved = np.load(path, allow_pickle=False)

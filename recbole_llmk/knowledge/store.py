@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.files import written_whole
 from recbole_llmk.knowledge.controls import apply_control
 
@@ -139,8 +140,8 @@ def run_table(store, config, dataset, kind, side):
     """``store``'s ``kind`` vectors aligned to ``dataset`` for ``side`` (``user``/``item``), with the
     run's ``knowledge_default`` and ``knowledge_control``."""
     field = config["USER_ID_FIELD" if side == "user" else "ITEM_ID_FIELD"]
-    table = store.aligned(kind, dataset, field, config["knowledge_default"])
-    return apply_control(table, config["knowledge_control"], config["seed"], side)
+    table = store.aligned(kind, dataset, field, setting(config, "knowledge_default"))
+    return apply_control(table, setting(config, "knowledge_control"), config["seed"], side)
 
 
 def _json(path):

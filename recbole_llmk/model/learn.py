@@ -192,7 +192,7 @@ class LEARN(SequentialRecommender):
         self.target_len = int(config["learn_target_len"])
         self.item_tower = int(config["item_tower"])
         self.tau = float(config["tau"])
-        self.similarity = config["learn_similarity"] or "cos"
+        self.similarity = config["learn_similarity"]
         rate = config["learn_window_rate"]
         self.window_rate = 1.0 / self.target_len if rate is None else float(rate)
         self._check_settings()

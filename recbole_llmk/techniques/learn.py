@@ -10,6 +10,7 @@ later run, whatever its split: item content does not depend on user behaviour, s
 no split fingerprint and no training interaction is ever read here.
 """
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
 
@@ -35,7 +36,7 @@ def learn_plan(config, dataset):
 
     The descriptions are the texts; nothing is generated, so ``llm_backend`` must be ``none``
     (LEARN's LLM is the frozen encoder, not a text generator)."""
-    backend = config["llm_backend"] or "none"
+    backend = setting(config, "llm_backend")
     if backend != "none":
         raise ValueError(
             f"LEARN encodes item descriptions with a frozen LLM given as text_encoder; it generates no "
@@ -79,7 +80,7 @@ def learn_features_plan(config, dataset):
             "(DIN and DIEN use a time-ordered split by default).")
     frame = training_interactions(dataset)
     overrides = {k: config[k] for k in CARRIED if config[k] is not None}
-    overrides.update(config["learn_features_config"] or {}, epochs=config["learn_features_epochs"] or 10)
+    overrides.update(config["learn_features_config"] or {}, epochs=setting(config, "learn_features_epochs"))
     settings = store_settings(config, FEATURES, split_fingerprint(frame), digest([TEXT_VERSION, overrides]))
     return settings, lambda: KnowledgePlan(requests=[], layout={}, vectors=learn_embeddings(config, frame, overrides))
 

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 from recbole_llmk.knowledge.pipeline import KnowledgePlan, cache_dir, digest, ensure_store, store_settings
@@ -26,10 +27,10 @@ class REKIPrompts:
     def __init__(self, config, describer=None):
         self.describer = describer or Describer(config)
         self.hook = self.describer.hook
-        self.user_template = PromptTemplate.load(config["reki_user_prompt"] or "reki_user")
-        self.item_template = PromptTemplate.load(config["reki_item_prompt"] or "reki_item")
+        self.user_template = PromptTemplate.load(setting(config, "reki_user_prompt"))
+        self.item_template = PromptTemplate.load(setting(config, "reki_item_prompt"))
         self.factors = ", ".join(config["scenario_factors"] or self.hook.scenario_factors) or "any relevant factors"
-        self.history_length = config["history_length"] or 15
+        self.history_length = setting(config, "history_length")
 
     @property
     def digest(self):
@@ -64,7 +65,7 @@ def reki_requests(config, dataset):
     prompt per cluster of items and of users, see ``collective_plan``) or ``released`` (collective
     knowledge somebody else generated, e.g. the REKI authors' gpt-3.5 answers for MovieLens-1M
     clusters, assigned to this dataset's users and items; see ``released_plan``)."""
-    mode = config["reki_knowledge"] or "individual"
+    mode = setting(config, "reki_knowledge")
     if mode not in MODES:
         raise ValueError(f"reki_knowledge must be one of {MODES}, got '{mode}'")
     frame = training_interactions(dataset)
@@ -103,8 +104,8 @@ def collective_plan(config, dataset, frame, prompts):
     from recbole_llmk.knowledge.history import recent_histories
     from recbole_llmk.knowledge.pretrained import pretrained_vectors
 
-    vectors = pretrained_vectors(config, frame, config["reki_cluster_model"] or "LightGCN",
-                                 config["reki_cluster_model_epochs"] or 20, config["reki_cluster_model_config"])
+    vectors = pretrained_vectors(config, frame, setting(config, "reki_cluster_model"),
+                                 setting(config, "reki_cluster_model_epochs"), config["reki_cluster_model_config"])
     item_tokens, item_vectors = vectors["item"]
     item_row = {t: r for r, t in enumerate(item_tokens)}
     # An item the training split never shows has only its random initial vector: clustered, it would
@@ -125,14 +126,14 @@ def collective_plan(config, dataset, frame, prompts):
     likes = liked_and_disliked(frame, prompts.describer, {t: t for t in item_tokens}, config, every_like=True)
     describe = prompts.describer.describe("item")
     text = {t: describe.get(t) or f"{prompts.hook.item_noun} {t}" for t in item_tokens}
-    item_template = PromptTemplate.load(config["reki_item_cluster_prompt"] or "reki_item_cluster")
-    user_template = PromptTemplate.load(config["reki_user_cluster_prompt"] or "reki_user_cluster")
+    item_template = PromptTemplate.load(setting(config, "reki_item_cluster_prompt"))
+    user_template = PromptTemplate.load(setting(config, "reki_user_cluster_prompt"))
     common = {"user_noun": prompts.hook.user_noun, "item_noun": prompts.hook.item_noun, "factors": prompts.factors}
     requests = []
     for cluster, members in sorted(_members(clusters["item"]).items()):
         items = "\n".join(f"- {text[i]}" for i in members)
         requests.append(Request(f"item-cluster:{cluster}", item_template.render(items=items, **common), items))
-    d = config["reki_top_d"] or 15
+    d = setting(config, "reki_top_d")
     for cluster, members in sorted(_members(clusters["user"]).items()):
         for side, sentiment, pick in (("positive", "liked", 0), ("negative", "disliked", 1)):
             top = top_d_items([likes.get(u, ([], []))[pick] for u in members], d)
@@ -153,7 +154,7 @@ def collective_plan(config, dataset, frame, prompts):
     n_individual = sum(map(len, described.values()))
     logging.getLogger().info(
         f"REKI-C: {len(_members(clusters['item']))} item clusters, {len(_members(clusters['user']))} user clusters "
-        f"({config['cluster_method'] or 'streakhc'}): {len(requests)} prompts instead of {n_individual} individual ones; "
+        f"({setting(config, 'cluster_method')}): {len(requests)} prompts instead of {n_individual} individual ones; "
         f"{len(item_tokens) - len(trained)} items without training interactions are in no cluster (default vector)")
     return KnowledgePlan(requests, layout, texts, SIDES, postprocess=lambda answers: (answers, files))
 
@@ -225,9 +226,9 @@ def items_to_release(config, items, describer, release):
     """{item token: ML-1M movie id} by id (``reki_release_match: id``) or by title and year."""
     from recbole_llmk.techniques.reki_release import match_items_by_title, read_recbole_titles
 
-    if (config["reki_release_match"] or "title") == "id":
+    if (setting(config, "reki_release_match")) == "id":
         return {t: t for t in items}
-    title, year = config["reki_release_title_fields"] or ["movie_title", "release_year"]
+    title, year = setting(config, "reki_release_title_fields")
     return match_items_by_title(release.movies_dat, read_recbole_titles(describer._atomic_path("item"), title, year))
 
 
@@ -237,7 +238,7 @@ def released_user_clusters(config, users, frame, describer, release, to_ml1m):
     representative items."""
     from recbole_llmk.techniques.reki_release import assign_users_by_overlap
 
-    if (config["reki_release_match"] or "title") == "id":
+    if (setting(config, "reki_release_match")) == "id":
         return {u: release.user_clusters.get(u, (None, None)) for u in users}
     return assign_users_by_overlap(release, liked_and_disliked(frame, describer, to_ml1m, config))
 
@@ -251,7 +252,7 @@ def liked_and_disliked(frame, describer, to_ml1m, config, every_like=False):
         if every_like:
             return {u: ([to_ml1m[i] for i in rows["item"] if i in to_ml1m], []) for u, rows in frame.groupby("user")}
         raise ValueError("reki_release_match=title assigns users by liked/disliked items, which needs ratings")
-    threshold = config["reki_like_threshold"] or 4
+    threshold = setting(config, "reki_like_threshold")
     frame = frame[frame["item"].isin(to_ml1m.keys())]
     histories = {}
     for user, rows in frame.groupby("user"):

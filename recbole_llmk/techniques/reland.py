@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
 from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
@@ -196,8 +197,8 @@ class ReLandPrompts:
     def __init__(self, config, describer=None):
         self.describer = describer or Describer(config)
         self.hook = self.describer.hook
-        self.template = PromptTemplate.load(config["reland_prompt"] or "reland_cot")
-        self.history_length = config["history_length"] or 15
+        self.template = PromptTemplate.load(setting(config, "reland_prompt"))
+        self.history_length = setting(config, "history_length")
         self.step0 = bool(config["reland_step0"])
 
     @property
@@ -223,15 +224,15 @@ def train_behaviour_encoder(config, frame):
     ``frame``'s split; see :func:`recbole_llmk.knowledge.pretrained.pretrained_vectors`."""
     from recbole_llmk.knowledge.pretrained import pretrained_vectors
 
-    vectors = pretrained_vectors(config, frame, config["reland_behaviour_model"] or "LightGCN",
-                                 config["reland_behaviour_epochs"] or 20, config["reland_behaviour_config"])
+    vectors = pretrained_vectors(config, frame, setting(config, "reland_behaviour_model"),
+                                 setting(config, "reland_behaviour_epochs"), config["reland_behaviour_config"])
     return vectors["user"]
 
 
 # --- the plan -------------------------------------------------------------------------------------
 def sampler_from(config, n_users):
-    return SeedSampler(pool_size(config, n_users), n_clusters=config["reland_n_clusters"] or 10,
-                       strategy=config["reland_sampling"] or "adaptive", round_size=config["reland_round_size"],
+    return SeedSampler(pool_size(config, n_users), n_clusters=setting(config, "reland_n_clusters"),
+                       strategy=setting(config, "reland_sampling"), round_size=config["reland_round_size"],
                        seed=config["reland_seed"] if config["reland_seed"] is not None else config["seed"])
 
 
@@ -248,7 +249,7 @@ def reland_requests(config, dataset):
     """Store settings and knowledge plan of ReLand for the training dataset ``dataset``."""
     frame = training_interactions(dataset)
     prompts = ReLandPrompts(config)
-    source = config["reland_pool_source"] or "sampled"
+    source = setting(config, "reland_pool_source")
     if source not in POOL_SOURCES:
         raise ValueError(f"reland_pool_source must be one of {POOL_SOURCES}, got '{source}'")
     settings = store_settings(config, TECHNIQUE, split_fingerprint(frame), prompts.digest)
@@ -278,7 +279,7 @@ def sampled_pool(config, frame, prompts, users, M, counts):
         f"{sampler.strategy} sampling; {sum(h == 'representative' for h in sampler.how_)} representative, "
         f"{sum(h == 'important' for h in sampler.how_)} by activity")
     return {"seeds": seeds, "how": sampler.how_, "vectors": M[rows], "requests": prompts.requests(frame, seeds),
-            "parse": (config["llm_backend"] or "none") != "none", "backend": None}
+            "parse": (setting(config, "llm_backend")) != "none", "backend": None}
 
 
 def released_pool(config, dataset, frame, prompts, users, M):
