@@ -73,6 +73,23 @@ def test_all_action_infonce_matches_a_double_loop():
                 count += 1
     loss = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    # rows 0 and 2 as two windows of one user: neither's targets are the other's negatives
+    total, count = 0.0, 0
+    for u in range(3):
+        own = {int(x) for x, v in zip(item_ids[u], item_valid[u]) if v}
+        same_user = {0, 2} if u in (0, 2) else {u}
+        for i in range(4):
+            if not user_valid[u, i]:
+                continue
+            negatives = [float(users[u, i] @ items[v, k]) / tau for v in range(3) if v not in same_user
+                         for k in range(2) if item_valid[v, k] and int(item_ids[v, k]) not in own]
+            for j in range(2):
+                if item_valid[u, j]:
+                    positive = float(users[u, i] @ items[u, j]) / tau
+                    total += -math.log(math.exp(positive) / (math.exp(positive) + sum(math.exp(n) for n in negatives)))
+                    count += 1
+    owned = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, owners=torch.tensor([5, 6, 5]))
+    assert owned.item() == pytest.approx(total / count, rel=1e-5)
 
 
 def test_split_window_splits_by_time():
@@ -137,6 +154,33 @@ def test_cold_items_get_embeddings_from_text(learn_config, workdir):
         assert model.item_embeddings()[cold].abs().sum() > 0
         batch = next(iter(train_data)).to(model.device)
         assert torch.isfinite(model.full_sort_predict(batch)[:, cold]).all()
+
+
+def test_tiled_windows_make_every_training_interaction_a_target_once_an_epoch(learn_config):
+    from recbole_llmk.knowledge.history import training_interactions
+
+    config, train_data, valid_data, test_data, model = build(dict(learn_config, learn_windows="tiled"))
+    dataset = train_data._dataset
+    frame = training_interactions(dataset).sort_values(["user", "timestamp"], kind="stable")
+    expected = {}
+    for user, items in frame.groupby("user", sort=False)["item"]:
+        expected[int(dataset.token2id(dataset.uid_field, user))] = [
+            int(dataset.token2id(dataset.iid_field, i)) for i in items]
+    assert {u: list(items) for u, items in model.sequences} == expected
+    model.train()
+    for epoch in range(2):
+        targets_seen = []
+        for _ in range(model.batches_per_epoch):
+            owners, history, targets = model.tiled_samples()
+            for owner, hist, tgt in zip(owners.tolist(), history.tolist(), targets.tolist()):
+                sequence = expected[owner]
+                tgt = [i for i in tgt if i]
+                start = next(k for k in range(1, len(sequence)) if sequence[k:k + len(tgt)] == tgt)
+                assert [i for i in hist if i] == sequence[max(0, start - model.history_len):start]
+                targets_seen += [(owner, i) for i in tgt]
+        assert sorted(targets_seen) == sorted((u, i) for u, items in expected.items() for i in items[1:])
+    result = run_recbole_llmk("LEARN", "tiny", config_dict=dict(learn_config, learn_windows="tiled", epochs=1))
+    assert set(result["test_result"]) >= {"ndcg@10", "hit@10"}
 
 
 def test_training_samples_use_the_training_split_only(learn_config):

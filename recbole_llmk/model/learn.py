@@ -31,6 +31,16 @@ probability ``learn_window_rate`` (default 1/T: each interaction is a target abo
 like SASRec's epoch). Of the kept rows a batch keeps one per user (the loader shuffles, so that is
 a random window), so another window of the same user can never be its negative. The loss costs
 ``O((users per batch)^2 * H * T)``: ``train_batch_size * learn_window_rate`` sets the users per step.
+"About once" is in expectation over rows whose windows have T targets; a short window has fewer
+(on Amazon Beauty 54 % of windows had one target, and an epoch made 0.27 of SASRec's targets).
+
+``learn_windows: tiled`` trains on the whole training split instead: the model keeps every
+user's training sequence (rebuilt from RecBole's rows, ``training_sequences``) and each epoch cuts
+it into consecutive target chunks of T (the first 1..T long, drawn anew each epoch) with the H
+items before each as history, so every training interaction but a user's first is a target
+exactly once per epoch. The epoch's windows, in random order, are spread evenly over RecBole's
+batches (whose rows then only pace the steps); two windows of one user in a step are never each
+other's negatives. ``sampled`` stays the default until a benchmark compares them.
 
 Loss (LEARN Eq. 1, dense all-action InfoNCE): every history position's user embedding is scored
 against every target of the same user as a positive; the negatives are the other users' targets
@@ -40,12 +50,17 @@ in the batch (minus any item that is also one of the user's own targets), with t
 Evaluation: the user embedding is the tower's output at the last position of the user's last H
 items (``item_seq``); each item is embedded from its content alone (variants 1 and 2: the tower
 over a length-1 sequence of that item), so items with no interactions are ranked by their text.
+Item tower 1 cannot be evaluated as it is trained: in training a target's embedding depends on the
+targets before it in the window, and a candidate item at ranking time has no such context, so it
+is embedded alone (what tower 2 trains for; the paper serves its item embeddings per item too).
 ``full_sort_predict`` scores every item, and RecBole's full-sort evaluator ranks them.
 """
 
 import logging
+import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -59,6 +74,7 @@ from recbole_llmk.model.reki import KnowledgeMixin, knowledge_variant
 
 MASKED = -10000.0  # RecBole's additive attention mask value
 ITEM_TOWERS = (1, 2, 3)
+WINDOWS = ("sampled", "tiled")
 SIMILARITIES = ("cos", "dot")
 
 
@@ -127,24 +143,77 @@ def _slice(window, start, count, width):
     return torch.where(valid, window.gather(1, index), torch.zeros_like(index))
 
 
-def all_action_infonce(user_emb, user_valid, item_emb, item_ids, item_valid, tau):
+def training_sequences(dataset, item_seq_field, item_len_field):
+    """``[(user, training items oldest first)]`` from RecBole's augmented training rows (one per
+    target, in time order within a user): the first row's history, then every row's target. Each
+    row's history must end with the previous row's target, or the rows are not what RecBole's
+    ``data_augmentation`` writes and this is an error."""
+    inter = dataset.inter_feat
+    users = inter[dataset.uid_field].numpy()
+    targets = inter[dataset.iid_field].numpy()
+    histories, lengths = inter[item_seq_field].numpy(), inter[item_len_field].numpy()
+    order = np.argsort(users, kind="stable")
+    users, targets, histories, lengths = users[order], targets[order], histories[order], lengths[order]
+    last_of_history = histories[np.arange(len(order)), np.maximum(lengths - 1, 0)]
+    same_user = users[1:] == users[:-1]
+    if (same_user & (last_of_history[1:] != targets[:-1])).any():
+        raise ValueError("learn_windows=tiled: the training rows of a user do not chain (each history ending "
+                         "with the previous target); use learn_windows=sampled")
+    starts = np.flatnonzero(np.r_[True, ~same_user])
+    ends = np.r_[starts[1:], len(users)]
+    return [(int(users[a]), np.concatenate([histories[a, :lengths[a]], targets[a:b]])) for a, b in zip(starts, ends)]
+
+
+def tiled_windows(sequences, history_len, target_len):
+    """One epoch's windows: every training interaction but a user's first is a target exactly once.
+
+    A user's targets are cut into consecutive chunks of ``target_len`` (the first chunk 1 to
+    ``target_len`` long, drawn from torch's generator, so the cuts move between epochs), each with
+    the ``history_len`` items before it as its history. Returns ``(owners [W], history [W, H],
+    targets [W, T])``, left-aligned, zero-padded, in a random order."""
+    firsts = torch.randint(1, target_len + 1, (len(sequences),)).tolist()
+    owners, histories, targets = [], [], []
+    for (user, items), size in zip(sequences, firsts):
+        start = 1
+        while start < len(items):
+            end = min(start + size, len(items))
+            owners.append(user)
+            histories.append(items[max(0, start - history_len):start])
+            targets.append(items[start:end])
+            start, size = end, target_len
+    order = torch.randperm(len(owners)).tolist()
+    return (torch.tensor([owners[i] for i in order], dtype=torch.long),
+            padded([histories[i] for i in order], history_len), padded([targets[i] for i in order], target_len))
+
+
+def padded(rows, width):
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for r, items in enumerate(rows):
+        out[r, :len(items)] = items
+    return torch.from_numpy(out)
+
+
+def all_action_infonce(user_emb, user_valid, item_emb, item_ids, item_valid, tau, owners=None):
     """LEARN's dense all-action InfoNCE over a batch of users.
 
     ``user_emb [U, H, d]`` (history positions, ``user_valid [U, H]``), ``item_emb [U, T, d]``
     (targets, ids ``item_ids [U, T]``, ``item_valid [U, T]``). For user u, valid position i and
     valid target j: ``-log(e^{s(u_i, e_uj)} / (e^{s(u_i, e_uj)} + sum_neg e^{s(u_i, e_neg)}))`` with
     ``s = <., .> / tau``; the negatives are the valid targets of the other users whose item is not
-    one of u's own targets. Averaged over all (u, i, j) triples. The denominator's negative part
+    one of u's own targets. Averaged over all (u, i, j) triples. ``owners [U]`` (default: every
+    row its own user) names each row's user: rows of one user are never each other's negatives. The denominator's negative part
     does not depend on j, so it is one log-sum-exp per position and the loss is
     ``softplus(N_ui - s_uij)``."""
     n_users, n_targets, dim = item_emb.shape
     user_emb = user_emb / tau  # scale the small tensor, not the [U, H, U*T] scores
     positive = torch.einsum("uhd,utd->uht", user_emb, item_emb)
     all_scores = torch.einsum("uhd,kd->uhk", user_emb, item_emb.reshape(-1, dim))
-    owner = torch.arange(n_users, device=item_ids.device).repeat_interleave(n_targets)
+    if owners is None:
+        owners = torch.arange(n_users, device=item_ids.device)
+    owner = owners.repeat_interleave(n_targets)
     flat_ids, flat_valid = item_ids.reshape(-1), item_valid.reshape(-1)
     own_item = ((item_ids.unsqueeze(2) == flat_ids.view(1, 1, -1)) & item_valid.unsqueeze(2)).any(1)
-    others = owner.unsqueeze(0) != torch.arange(n_users, device=owner.device).unsqueeze(1)
+    others = owner.unsqueeze(0) != owners.unsqueeze(1)
     negative = flat_valid.unsqueeze(0) & others & ~own_item  # [U, U*T]
     all_scores = all_scores.masked_fill(~negative.unsqueeze(1), float("-inf"))
     negatives = torch.logsumexp(all_scores, dim=-1)  # [U, H]; -inf when there is none
@@ -195,7 +264,12 @@ class LEARN(SequentialRecommender):
         self.similarity = config["learn_similarity"]
         rate = config["learn_window_rate"]
         self.window_rate = 1.0 / self.target_len if rate is None else float(rate)
+        self.windows = config["learn_windows"]
         self._check_settings()
+        if self.windows == "tiled":
+            self.sequences = training_sequences(dataset, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
+            self.batches_per_epoch = max(1, math.ceil(len(dataset) / config["train_batch_size"]))
+            self._epoch_windows, self._step = None, 0
         # frozen CEG output; rebuilt from the store, so checkpoints do not carry it (as REKI)
         self.register_buffer("content", content_table(config, dataset), persistent=False)
         out_dim = self.content.shape[1] if self.item_tower == 3 else config["embedding_size"]
@@ -206,6 +280,8 @@ class LEARN(SequentialRecommender):
         self._item_cache = None
 
     def _check_settings(self):
+        if self.windows not in WINDOWS:
+            raise ValueError(f"learn_windows must be one of {WINDOWS}, got '{self.windows}'")
         if self.item_tower not in ITEM_TOWERS:
             raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower}")
         if self.similarity not in SIMILARITIES:
@@ -241,6 +317,8 @@ class LEARN(SequentialRecommender):
 
     def train(self, mode=True):
         self._item_cache = None  # item embeddings change with the weights
+        if mode and self.windows == "tiled":
+            self._epoch_windows = None  # RecBole's trainer calls train() as each epoch starts
         return super().train(mode)
 
     def load_state_dict(self, state_dict, *args, **kwargs):
@@ -306,11 +384,28 @@ class LEARN(SequentialRecommender):
         kept = rows[torch.rand(n_rows, device=rows.device) < self.window_rate]
         return kept if len(kept) else rows[:1]
 
+    def tiled_samples(self):
+        """``(owners, history, targets)``: this step's share of the epoch's tiled windows (the
+        batch's rows only say that a step is due: every user's windows come from its sequence)."""
+        if self._epoch_windows is None:
+            self._epoch_windows, self._step = tiled_windows(self.sequences, self.history_len, self.target_len), 0
+        owners, history, targets = self._epoch_windows
+        per_step = math.ceil(len(owners) / self.batches_per_epoch)
+        rows = slice(self._step * per_step, (self._step + 1) * per_step)
+        self._step += 1
+        if self._step >= self.batches_per_epoch:
+            self._epoch_windows = None
+        device = self.content.device
+        return owners[rows].to(device), history[rows].to(device), targets[rows].to(device)
+
     def calculate_loss(self, interaction):
-        _, history, _, targets, _ = self.training_samples(interaction)
+        if self.windows == "tiled":
+            owners, history, targets = self.tiled_samples()
+        else:
+            owners, (_, history, _, targets, _) = None, self.training_samples(interaction)
         users = self._space(self.user_tower(history))
         items = self._space(self.target_tower(targets))
-        return all_action_infonce(users, history > 0, items, targets, targets > 0, self.tau)
+        return all_action_infonce(users, history > 0, items, targets, targets > 0, self.tau, owners)
 
     def predict(self, interaction):
         users = self._space(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
