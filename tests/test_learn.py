@@ -90,6 +90,25 @@ def test_all_action_infonce_matches_a_double_loop():
                     count += 1
     owned = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, owners=torch.tensor([5, 6, 5]))
     assert owned.item() == pytest.approx(total / count, rel=1e-5)
+    # logQ: every score of item k less log_q[k]; a constant log_q changes nothing
+    log_q = torch.log(torch.linspace(0.05, 0.5, 10))
+    total, count = 0.0, 0
+    for u in range(3):
+        own = {int(x) for x, v in zip(item_ids[u], item_valid[u]) if v}
+        for i in range(4):
+            if not user_valid[u, i]:
+                continue
+            negatives = [float(users[u, i] @ items[v, k]) / tau - float(log_q[item_ids[v, k]]) for v in range(3)
+                         if v != u for k in range(2) if item_valid[v, k] and int(item_ids[v, k]) not in own]
+            for j in range(2):
+                if item_valid[u, j]:
+                    positive = float(users[u, i] @ items[u, j]) / tau - float(log_q[item_ids[u, j]])
+                    total += -math.log(math.exp(positive) / (math.exp(positive) + sum(math.exp(n) for n in negatives)))
+                    count += 1
+    corrected = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, log_q=log_q)
+    assert corrected.item() == pytest.approx(total / count, rel=1e-5) and corrected.item() != pytest.approx(loss.item())
+    flat = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, log_q=torch.full((10,), -2.0))
+    assert flat.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_split_window_splits_by_time():
@@ -179,7 +198,9 @@ def test_tiled_windows_make_every_training_interaction_a_target_once_an_epoch(le
                 assert [i for i in hist if i] == sequence[max(0, start - model.history_len):start]
                 targets_seen += [(owner, i) for i in tgt]
         assert sorted(targets_seen) == sorted((u, i) for u, items in expected.items() for i in items[1:])
-    result = run_recbole_llmk("LEARN", "tiny", config_dict=dict(learn_config, learn_windows="tiled", epochs=1))
+    result = run_recbole_llmk("LEARN", "tiny", config_dict=dict(learn_config, learn_windows="tiled", learn_logq=True,
+                                                                epochs=1))
+    assert result["model"].log_q.shape == (41,) and torch.isfinite(result["model"].log_q).all()
     assert set(result["test_result"]) >= {"ndcg@10", "hit@10"}
 
 

@@ -46,6 +46,8 @@ Loss (LEARN Eq. 1, dense all-action InfoNCE): every history position's user embe
 against every target of the same user as a positive; the negatives are the other users' targets
 in the batch (minus any item that is also one of the user's own targets), with temperature
 ``tau``. ``learn_similarity: cos`` L2-normalises both embeddings first; ``dot`` uses them as they are.
+``learn_logq: True`` subtracts each item's log training frequency from its scores (logQ correction:
+in-batch negatives are drawn by popularity).
 
 Evaluation: the user embedding is the tower's output at the last position of the user's last H
 items (``item_seq``); each item is embedded from its content alone (variants 1 and 2: the tower
@@ -193,7 +195,7 @@ def padded(rows, width):
     return torch.from_numpy(out)
 
 
-def all_action_infonce(user_emb, user_valid, item_emb, item_ids, item_valid, tau, owners=None):
+def all_action_infonce(user_emb, user_valid, item_emb, item_ids, item_valid, tau, owners=None, log_q=None):
     """LEARN's dense all-action InfoNCE over a batch of users.
 
     ``user_emb [U, H, d]`` (history positions, ``user_valid [U, H]``), ``item_emb [U, T, d]``
@@ -201,13 +203,19 @@ def all_action_infonce(user_emb, user_valid, item_emb, item_ids, item_valid, tau
     valid target j: ``-log(e^{s(u_i, e_uj)} / (e^{s(u_i, e_uj)} + sum_neg e^{s(u_i, e_neg)}))`` with
     ``s = <., .> / tau``; the negatives are the valid targets of the other users whose item is not
     one of u's own targets. Averaged over all (u, i, j) triples. ``owners [U]`` (default: every
-    row its own user) names each row's user: rows of one user are never each other's negatives. The denominator's negative part
+    row its own user) names each row's user: rows of one user are never each other's negatives.
+    ``log_q [n_items]`` (optional) is the log-probability of an item appearing as an in-batch
+    target; subtracting it from every score (positive and negatives) is the logQ correction of
+    sampled softmax, so popular items are not pushed down for being everyone's negative. The denominator's negative part
     does not depend on j, so it is one log-sum-exp per position and the loss is
     ``softplus(N_ui - s_uij)``."""
     n_users, n_targets, dim = item_emb.shape
     user_emb = user_emb / tau  # scale the small tensor, not the [U, H, U*T] scores
     positive = torch.einsum("uhd,utd->uht", user_emb, item_emb)
     all_scores = torch.einsum("uhd,kd->uhk", user_emb, item_emb.reshape(-1, dim))
+    if log_q is not None:
+        positive = positive - log_q[item_ids].unsqueeze(1)
+        all_scores = all_scores - log_q[item_ids.reshape(-1)].view(1, 1, -1)
     if owners is None:
         owners = torch.arange(n_users, device=item_ids.device)
     owner = owners.repeat_interleave(n_targets)
@@ -266,6 +274,12 @@ class LEARN(SequentialRecommender):
         self.window_rate = 1.0 / self.target_len if rate is None else float(rate)
         self.windows = config["learn_windows"]
         self._check_settings()
+        if config["learn_logq"]:  # in-batch targets follow the training split's item frequencies
+            counts = np.bincount(dataset.inter_feat[self.POS_ITEM_ID].numpy(), minlength=self.n_items)
+            self.register_buffer("log_q", torch.log(torch.from_numpy(counts).float().clamp(min=1) / counts.sum()),
+                                 persistent=False)
+        else:
+            self.log_q = None
         if self.windows == "tiled":
             self.sequences = training_sequences(dataset, self.ITEM_SEQ, self.ITEM_SEQ_LEN)
             self.batches_per_epoch = max(1, math.ceil(len(dataset) / config["train_batch_size"]))
@@ -405,7 +419,7 @@ class LEARN(SequentialRecommender):
             owners, (_, history, _, targets, _) = None, self.training_samples(interaction)
         users = self._space(self.user_tower(history))
         items = self._space(self.target_tower(targets))
-        return all_action_infonce(users, history > 0, items, targets, targets > 0, self.tau, owners)
+        return all_action_infonce(users, history > 0, items, targets, targets > 0, self.tau, owners, self.log_q)
 
     def predict(self, interaction):
         users = self._space(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
