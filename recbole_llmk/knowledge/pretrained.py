@@ -4,7 +4,8 @@ ReLand's behaviour encoder (user vectors for seed sampling and retrieval) and RE
 (item embeddings and user representations) both need a light collaborative model trained on
 exactly the interactions knowledge may see. ``pretrained_vectors`` trains one with RecBole's own
 Config, dataset, split and trainer, checks by split fingerprint that it saw the run's training
-split and nothing else, and caches its user and item vectors under ``knowledge_dir``.
+split and nothing else (its own split of the data may hold a few pairs more: they are dropped from
+its training rows), and caches its user and item vectors under ``knowledge_dir``.
 """
 
 import inspect
@@ -76,11 +77,19 @@ def train_on_split(config, frame, model, overrides=None):
     init_seed(m_config["seed"], m_config["reproducibility"])
     dataset = create_dataset(m_config)
     train_data, _, _ = data_preparation(m_config, dataset)
-    # Exact, not over-strict: the model may train on fewer pairs than the run (RecBole's sequential
-    # and general leave-one-out splits differ for users with 1-3 interactions), never on a pair the
-    # run's training split lacks, which the run may evaluate on.
+    # Exact, not over-strict: the model may train on fewer pairs than the run, never on a pair the
+    # run's training split lacks, which the run may evaluate on. RecBole's sequential and general
+    # leave-one-out splits differ for users with 1-3 interactions and for timestamp ties: such
+    # pairs are dropped from the model's training rows.
     outside = pairs_outside(training_interactions(training_dataset(train_data)), frame)
     if outside:
+        train_data = restricted_to(train_data, frame, m_config)
+        logging.getLogger().info(
+            f"{m_config['model']}'s split of the data ({m_config['MODEL_TYPE'].name.lower()}) trains on {len(outside)} "
+            f"(user, item) pairs the run's training split lacks (e.g. user {outside[0][0]} with item "
+            f"{outside[0][1]}); they are dropped from its training rows, so it sees none of them")
+        outside = pairs_outside(training_interactions(training_dataset(train_data)), frame)
+    if outside:  # a defence: restricted_to leaves none
         user, item = outside[0]
         raise LeakageError(
             f"{m_config['model']} would train on another split than the run: {len(outside)} of its training "
@@ -98,6 +107,26 @@ def train_on_split(config, frame, model, overrides=None):
     get_trainer(m_config)(m_config, net).fit(train_data, None, saved=False, show_progress=m_config["show_progress"])
     net.eval()
     return m_config, dataset, train_data, net
+
+
+def restricted_to(train_data, frame, config):
+    """``train_data`` without its rows that hold a (user, item) pair the run's training split
+    (``frame``) lacks: as target, or for a sequential model anywhere in the row's history."""
+    dataset = train_data._dataset
+    allowed = set(zip(frame["user"].astype(str), frame["item"].astype(str)))
+    inter = dataset.inter_feat
+    users = dataset.id2token(dataset.uid_field, inter[dataset.uid_field].numpy()).astype(str)
+    items = dataset.id2token(dataset.iid_field, inter[dataset.iid_field].numpy()).astype(str)
+    keep = np.array([pair in allowed for pair in zip(users, items)], dtype=bool)
+    history_field = dataset.iid_field + config["LIST_SUFFIX"]
+    if history_field in inter:  # a sequential model's rows carry their history
+        histories = inter[history_field].numpy()
+        lengths = inter[config["ITEM_LIST_LENGTH_FIELD"]].numpy()
+        for row in np.flatnonzero(keep):
+            history = dataset.id2token(dataset.iid_field, histories[row, :lengths[row]]).astype(str)
+            keep[row] = all((users[row], item) in allowed for item in history)
+    return type(train_data)(config, dataset.copy(inter[np.flatnonzero(keep)]), train_data._sampler,
+                            shuffle=config["shuffle"])
 
 
 def pretrained_vectors(config, frame, model, epochs, overrides=None):
