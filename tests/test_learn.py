@@ -49,66 +49,48 @@ def test_user_embedding_is_causal(learn_config):
     assert not torch.allclose(before[:, 3], after[:, 3])
 
 
+def infonce_by_loops(users, user_valid, items, item_ids, item_valid, tau, owners, log_q):
+    """LEARN's loss written as its definition: every (user, position, own target) triple against
+    the other users' targets that are not one of its own."""
+    total, count = 0.0, 0
+    n_users, n_positions = user_valid.shape
+
+    def score(u, i, v, k):
+        return float(users[u, i] @ items[v, k]) / tau - float(log_q[item_ids[v, k]])
+
+    for u in range(n_users):
+        own = {int(x) for x, valid in zip(item_ids[u], item_valid[u]) if valid}
+        for i in range(n_positions):
+            if not user_valid[u, i]:
+                continue
+            negatives = [score(u, i, v, k) for v in range(n_users) if owners[v] != owners[u]
+                         for k in range(item_ids.shape[1]) if item_valid[v, k] and int(item_ids[v, k]) not in own]
+            for j in range(item_ids.shape[1]):
+                if item_valid[u, j]:
+                    positive = score(u, i, u, j)
+                    total += -math.log(math.exp(positive) / (math.exp(positive) + sum(math.exp(n) for n in negatives)))
+                    count += 1
+    return total / count
+
+
 def test_all_action_infonce_matches_a_double_loop():
     torch.manual_seed(0)
     users, items = torch.randn(3, 4, 5), torch.randn(3, 2, 5)
     user_valid = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     item_ids = torch.tensor([[7, 8], [9, 7], [3, 0]])  # item 7 is a target of users 0 and 1
-    item_valid = item_ids > 0
-    tau = 0.5
-    total, count = 0.0, 0
-    for u in range(3):
-        own = {int(x) for x, v in zip(item_ids[u], item_valid[u]) if v}
-        for i in range(4):
-            if not user_valid[u, i]:
-                continue
-            negatives = [float(users[u, i] @ items[v, k]) / tau for v in range(3) if v != u
-                         for k in range(2) if item_valid[v, k] and int(item_ids[v, k]) not in own]
-            for j in range(2):
-                if not item_valid[u, j]:
-                    continue
-                positive = float(users[u, i] @ items[u, j]) / tau
-                denominator = math.exp(positive) + sum(math.exp(n) for n in negatives)
-                total += -math.log(math.exp(positive) / denominator)
-                count += 1
-    loss = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau)
-    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    batch = (users, user_valid, items, item_ids, item_ids > 0, 0.5)
+    no_q = torch.zeros(10)
+    loss = all_action_infonce(*batch)
+    assert loss.item() == pytest.approx(infonce_by_loops(*batch, [0, 1, 2], no_q), rel=1e-5)
     # rows 0 and 2 as two windows of one user: neither's targets are the other's negatives
-    total, count = 0.0, 0
-    for u in range(3):
-        own = {int(x) for x, v in zip(item_ids[u], item_valid[u]) if v}
-        same_user = {0, 2} if u in (0, 2) else {u}
-        for i in range(4):
-            if not user_valid[u, i]:
-                continue
-            negatives = [float(users[u, i] @ items[v, k]) / tau for v in range(3) if v not in same_user
-                         for k in range(2) if item_valid[v, k] and int(item_ids[v, k]) not in own]
-            for j in range(2):
-                if item_valid[u, j]:
-                    positive = float(users[u, i] @ items[u, j]) / tau
-                    total += -math.log(math.exp(positive) / (math.exp(positive) + sum(math.exp(n) for n in negatives)))
-                    count += 1
-    owned = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, owners=torch.tensor([5, 6, 5]))
-    assert owned.item() == pytest.approx(total / count, rel=1e-5)
+    owned = all_action_infonce(*batch, owners=torch.tensor([5, 6, 5]))
+    assert owned.item() == pytest.approx(infonce_by_loops(*batch, [5, 6, 5], no_q), rel=1e-5)
     # logQ: every score of item k less log_q[k]; a constant log_q changes nothing
     log_q = torch.log(torch.linspace(0.05, 0.5, 10))
-    total, count = 0.0, 0
-    for u in range(3):
-        own = {int(x) for x, v in zip(item_ids[u], item_valid[u]) if v}
-        for i in range(4):
-            if not user_valid[u, i]:
-                continue
-            negatives = [float(users[u, i] @ items[v, k]) / tau - float(log_q[item_ids[v, k]]) for v in range(3)
-                         if v != u for k in range(2) if item_valid[v, k] and int(item_ids[v, k]) not in own]
-            for j in range(2):
-                if item_valid[u, j]:
-                    positive = float(users[u, i] @ items[u, j]) / tau - float(log_q[item_ids[u, j]])
-                    total += -math.log(math.exp(positive) / (math.exp(positive) + sum(math.exp(n) for n in negatives)))
-                    count += 1
-    corrected = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, log_q=log_q)
-    assert corrected.item() == pytest.approx(total / count, rel=1e-5) and corrected.item() != pytest.approx(loss.item())
-    flat = all_action_infonce(users, user_valid, items, item_ids, item_valid, tau, log_q=torch.full((10,), -2.0))
-    assert flat.item() == pytest.approx(loss.item(), rel=1e-5)
+    corrected = all_action_infonce(*batch, log_q=log_q)
+    assert corrected.item() == pytest.approx(infonce_by_loops(*batch, [0, 1, 2], log_q), rel=1e-5)
+    assert corrected.item() != pytest.approx(loss.item())
+    assert all_action_infonce(*batch, log_q=torch.full((10,), -2.0)).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_split_window_splits_by_time():
