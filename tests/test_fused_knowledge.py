@@ -86,6 +86,7 @@ def test_sasrec_learn_fuses_learn_embeddings_from_the_same_split(fused_config):
 
 @pytest.mark.parametrize("base, why", [("FISM", "without a user table"), ("MultiVAE", "no user ID embedding table")])
 def test_a_model_without_id_tables_is_refused_before_any_knowledge(fused_config, workdir, base, why):
-    with pytest.raises(ValueError, match=f"{base}_REKI is not supported.*{why}"):
+    with pytest.raises(ValueError, match=f"{base}_REKI is not supported.*{why}") as refused:
         run_recbole_llmk(f"{base}_REKI", "tiny", config_dict=dict(fused_config, knowledge_dir=str(workdir / "fresh")))
+    assert "What fits" not in str(refused.value)  # its other fused variants need the same tables
     assert not any((workdir / "fresh").rglob("meta.json"))

@@ -46,17 +46,19 @@ def id_tables(model, side, n):
 
 
 def fitting_variants(base_name, exclude):
-    """The other techniques' variants of ``base_name`` that resolve (e.g. DIN_REKI, DIN_LEARN)."""
+    """The other techniques' variants of ``base_name`` that resolve and do not fuse into ID tables
+    (which ``base_name`` lacks), e.g. DIN_REKI, DIN_LEARN."""
     from recbole_llmk.utils import TECHNIQUES, get_model
 
     fits = []
     for technique in TECHNIQUES:
         if technique != exclude:
             try:
-                get_model(f"{base_name}_{technique}")
+                variant = get_model(f"{base_name}_{technique}")
             except ValueError:
                 continue
-            fits.append(f"{base_name}_{technique}")
+            if not issubclass(variant, FusedFamily):
+                fits.append(f"{base_name}_{technique}")
     return fits
 
 
