@@ -70,7 +70,6 @@ def train_on_split(config, frame, model, overrides=None):
     builds knowledge first (``prepare_knowledge``, e.g. LEARN's content store) builds it here."""
     from recbole.utils import init_seed
 
-    from recbole_llmk.quick_start import build_knowledge
     from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
 
     m_config = derived_config(config, model, overrides)
@@ -97,7 +96,9 @@ def train_on_split(config, frame, model, overrides=None):
             f"run may evaluate on (eval_args {m_config['eval_args']}, a {m_config['MODEL_TYPE'].name.lower()} "
             f"model). Give the run an eval_args split that {m_config['model']} reproduces (e.g. order TO, "
             f"an LS split), or set it explicitly in your yaml")
-    build_knowledge(m_config, train_data)
+    prepare_knowledge = getattr(m_config.model_class, "prepare_knowledge", None)
+    if prepare_knowledge:  # e.g. LEARN's content store (the model class says; quick_start is not imported)
+        prepare_knowledge(m_config, train_data)
     init_seed(m_config["seed"], m_config["reproducibility"])
     net = m_config.model_class(m_config, train_data._dataset).to(m_config["device"])
     logging.getLogger().info(
