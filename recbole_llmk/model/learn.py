@@ -70,9 +70,9 @@ from recbole.model.layers import TransformerEncoder
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_llmk.knowledge.history import training_dataset
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
 from recbole_llmk.model.reki import KnowledgeMixin, knowledge_variant
+from recbole_llmk.model.technique import KnowledgeTechnique
 
 MASKED = -10000.0  # RecBole's additive attention mask value
 ITEM_TOWERS = (1, 2, 3)
@@ -256,12 +256,13 @@ class PreferenceTower(nn.Module):
         return self.head(hidden)
 
 
-class LEARN(SequentialRecommender):
+class LEARN(KnowledgeTechnique, SequentialRecommender):
     r"""LEARN (Jia et al., AAAI 2025): a frozen LLM's item content embeddings, adapted by a causal
     transformer user tower and an item tower trained with dense all-action InfoNCE. See the module
     docstring for the towers, the training samples and the evaluation."""
 
     input_type = InputType.POINTWISE
+    store_technique = "LEARN"
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -321,13 +322,11 @@ class LEARN(SequentialRecommender):
             module.bias.data.zero_()
 
     @classmethod
-    def prepare_knowledge(cls, config, train_data):
-        """Build (or reuse) the CEG store of item content embeddings; called before the model."""
-        from recbole_llmk.techniques.learn import build_learn_knowledge
+    def knowledge_plan(cls, config, dataset):
+        """The CEG store of item content embeddings, built before the model."""
+        from recbole_llmk.techniques.learn import learn_plan
 
-        store = build_learn_knowledge(config, training_dataset(train_data))
-        config["knowledge_store"] = store.path
-        return store
+        return learn_plan(config, dataset)
 
     def train(self, mode=True):
         self._item_cache = None  # item embeddings change with the weights
@@ -441,15 +440,10 @@ class LEARNFeatures(KnowledgeMixin):
     store_technique = "LEARN-features"
 
     @classmethod
-    def prepare_knowledge(cls, config, train_data):
-        from recbole_llmk.knowledge.pipeline import ensure_store
+    def knowledge_plan(cls, config, dataset):
         from recbole_llmk.techniques.learn import learn_features_plan
 
-        if hasattr(cls, "check_fits"):  # a fused variant: its ID tables, before any knowledge
-            cls.check_fits(config, train_data._dataset)
-        store = ensure_store(config, *learn_features_plan(config, training_dataset(train_data)))
-        config["knowledge_store"] = store.path
-        return store
+        return learn_features_plan(config, dataset)
 
 
 @lru_cache(maxsize=None)

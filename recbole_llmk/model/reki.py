@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from recbole.model.abstract_recommender import ContextRecommender, GeneralRecommender, SequentialRecommender
 
-from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
+from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
 from recbole_llmk.model.fusion import FusionTechnique, fused_variant
+from recbole_llmk.model.technique import KnowledgeTechnique
 from recbole_llmk.model.layers import HEIN, ConcatInput, FusedEmbedding, HEINSide, KnowledgeFields, make_fusion
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
@@ -59,9 +60,9 @@ def knowledge_fields(model, config, dataset):
     return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
 
 
-class KnowledgeMixin:
-    """What every knowledge-fields variant shares: prestoring. A technique's mixin adds
-    ``technique`` (its yaml), ``store_technique`` (the store it reads) and ``prepare_knowledge``."""
+class KnowledgeMixin(KnowledgeTechnique):
+    """What every HEIN variant (REKI's, LEARN's features) shares: prestoring. A technique's mixin
+    adds the contract of :mod:`recbole_llmk.model.technique`."""
 
     def prestore_knowledge(self, drop_adapter=False):
         """Precompute the augmented vectors of every user and item (REKI's deployment)."""
@@ -74,21 +75,10 @@ class REKIMixin(KnowledgeMixin):
     technique = store_technique = "REKI"
 
     @classmethod
-    def prepare_knowledge(cls, config, train_data):
-        from recbole_llmk.techniques.reki import build_reki_knowledge
-
-        if hasattr(cls, "check_fits"):  # a fused variant: its ID tables, before any knowledge
-            cls.check_fits(config, train_data._dataset)
-        store = build_reki_knowledge(config, training_dataset(train_data))
-        config["knowledge_store"] = store.path
-        return store
-
-    @classmethod
-    def knowledge_requests(cls, config, train_data):
-        """``{kind: [Request]}`` this model's knowledge needs (for batch export/import)."""
+    def knowledge_plan(cls, config, dataset):
         from recbole_llmk.techniques.reki import reki_requests
 
-        return {"all": reki_requests(config, training_dataset(train_data))[1]().requests}
+        return reki_requests(config, dataset)
 
 
 class KnowledgeFusion(FusionTechnique):

@@ -26,10 +26,11 @@ from functools import lru_cache
 
 import torch
 
-from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
+from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore, run_table
 from recbole_llmk.model.fusion import FusionTechnique, fused_variant
 from recbole_llmk.model.layers import make_fusion
+from recbole_llmk.model.technique import KnowledgeTechnique
 from recbole_llmk.techniques.reland import uses_side
 
 
@@ -39,31 +40,22 @@ def fusion(config, side, dim, knowledge_dim):
     return make_fusion(config[setting], dim, knowledge_dim, setting)
 
 
-class ReLandMixin(FusionTechnique):
+class ReLandMixin(KnowledgeTechnique, FusionTechnique):
     """ReLand's knowledge, built before the model, fused by the model's family."""
 
-    technique = "ReLand"
+    technique = store_technique = "ReLand"
 
     @classmethod
     def fused_sides(cls, config):
         return tuple(side for side in ("user", "item") if uses_side(config, side))
 
     @classmethod
-    def prepare_knowledge(cls, config, train_data):
+    def knowledge_plan(cls, config, dataset):
         if not cls.fused_sides(config):
             return None  # the ID-only ablation
-        from recbole_llmk.techniques.reland import build_reland_knowledge
-
-        cls.check_fits(config, train_data._dataset)
-        store = build_reland_knowledge(config, train_data)
-        config["knowledge_store"] = store.path
-        return store
-
-    @classmethod
-    def knowledge_requests(cls, config, train_data):
         from recbole_llmk.techniques.reland import reland_requests
 
-        return {"all": reland_requests(config, training_dataset(train_data))[1]().requests}
+        return reland_requests(config, dataset)
 
     def fused_tables(self, config, dataset):
         """The ReLand store's tables for the sides the run fuses, aligned to ``dataset``'s internal ids."""

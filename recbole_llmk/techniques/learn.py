@@ -12,7 +12,7 @@ no split fingerprint and no training interaction is ever read here.
 
 from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
-from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, store_settings
 
 TECHNIQUE = "LEARN"
 # Bump when the way item texts are formed changes, so stores built the old way are not reused.
@@ -49,11 +49,6 @@ def learn_plan(config, dataset):
                               digest([TEXT_VERSION, vars(describer.hook), digest(tokens)]))
     return settings, lambda: KnowledgePlan(requests=[], layout={"item": {t: f"item:{t}" for t in tokens}},
                                            texts={f"item:{t}": texts[t] for t in tokens})
-
-
-def build_learn_knowledge(config, dataset):
-    """The LEARN content store for ``dataset``'s items, built when missing."""
-    return ensure_store(config, *learn_plan(config, dataset))
 
 
 # --- <Model>_LEARN: LEARN's embeddings as features of CTR models ----------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
-from recbole_llmk.knowledge.pipeline import KnowledgePlan, cache_dir, digest, ensure_store, store_settings
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, cache_dir, digest, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
 
 TECHNIQUE = "REKI"
@@ -259,9 +259,3 @@ def liked_and_disliked(frame, describer, to_ml1m, config, every_like=False):
         liked = rows["rating"] >= threshold
         histories[user] = ([to_ml1m[i] for i in rows["item"][liked]], [to_ml1m[i] for i in rows["item"][~liked]])
     return histories
-
-
-def build_reki_knowledge(config, dataset):
-    """The REKI store for this run's training split, built when missing. ``dataset`` is the
-    training dataset (``training_dataset(train_data)``)."""
-    return ensure_store(config, *reki_requests(config, dataset))

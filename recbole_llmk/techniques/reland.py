@@ -41,8 +41,8 @@ import numpy as np
 
 from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
-from recbole_llmk.knowledge.history import split_fingerprint, training_dataset, training_interactions
-from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, ensure_store, store_settings
+from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
 
 TECHNIQUE = "ReLand"
@@ -368,7 +368,3 @@ def pool_files(answers, pool):
         explanation.append(f"{user}\t{seed}\t{sim:.4f}\t{summary}")
     files = {"reasoning_pool.jsonl": "\n".join(pool_lines) + "\n", "explanations.tsv": "\n".join(explanation) + "\n"}
     return {**answers, **knowledge}, files
-
-
-def build_reland_knowledge(config, train_data):
-    return ensure_store(config, *reland_requests(config, training_dataset(train_data)))

@@ -1,0 +1,47 @@
+"""The contract every technique implements, and the one ``prepare_knowledge`` they share.
+
+A technique (REKI, ReLand, LEARN, LEARN's features) is a mixin of the model classes it makes. It
+says:
+
+- ``technique``: its name, which picks ``properties/technique/<technique>.yaml``;
+- ``store_technique``: the kind of store its model reads (default: ``technique``);
+- ``knowledge_plan(config, dataset)``: for the training dataset, ``(store settings, make_plan)``
+  where ``make_plan()`` returns the :class:`~recbole_llmk.knowledge.pipeline.KnowledgePlan`
+  (requests, layout, texts); or ``None`` when the run needs no knowledge (an ID-only ablation).
+
+Everything else is shared: the knowledge pipeline builds the store the settings name, once
+(prompts, generation, encoding, store), and the quick start calls ``prepare_knowledge`` before the
+model is built. A model family that needs something of the base model (ID tables to fuse into)
+adds ``check_fits``, which runs first, before any knowledge is built.
+"""
+
+from recbole_llmk.knowledge.history import training_dataset
+
+
+class KnowledgeTechnique:
+    technique = None
+    store_technique = None
+
+    @classmethod
+    def knowledge_plan(cls, config, dataset):
+        raise NotImplementedError(f"{cls.__name__} implements no knowledge_plan")
+
+    @classmethod
+    def prepare_knowledge(cls, config, train_data):
+        """Build (or reuse) the run's store; its path becomes ``config["knowledge_store"]``."""
+        from recbole_llmk.knowledge.pipeline import ensure_store
+
+        if hasattr(cls, "check_fits"):
+            cls.check_fits(config, train_data._dataset)
+        planned = cls.knowledge_plan(config, training_dataset(train_data))
+        if planned is None:
+            return None
+        store = ensure_store(config, *planned)
+        config["knowledge_store"] = store.path
+        return store
+
+    @classmethod
+    def knowledge_requests(cls, config, train_data):
+        """``{"all": [Request]}`` the run's knowledge needs (for batch export and import)."""
+        planned = cls.knowledge_plan(config, training_dataset(train_data))
+        return {"all": planned[1]().requests if planned else []}
