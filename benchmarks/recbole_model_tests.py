@@ -81,15 +81,23 @@ def run_one(variant, config, yaml_file, timeout):
     return record
 
 
+def reason_of(record):
+    """A record's error without its model's name, so that one reason groups many models."""
+    model = record["variant"].rpartition("_")[0]
+    return record.get("error", "").replace(record["variant"], "<variant>").replace(model, "<model>")[:160]
+
+
 def summary(records):
     by_technique = {t: Counter(r["status"] for r in records if r["technique"] == t) for t in TECHNIQUES}
-    lines = ["| technique | passed | refused by name or before knowledge | failed |", "|---|---|---|---|"]
+    lines = ["| technique | passed | refused by name | refused before any knowledge | failed |", "|---|---|---|---|---|"]
     for technique, counts in by_technique.items():
-        lines.append(f"| {technique} | {counts['passed']} | {counts['refused'] + counts['refused by name']} | {counts['failed']} |")
-    lines += ["", "| test | variant | status | error |", "|---|---|---|---|"]
-    for r in records:
-        if r["status"] != "passed":
-            lines.append(f"| {r['test']} | {r['variant']} | {r['status']} | {r.get('error', '').replace('|', '/')} |")
+        lines.append(f"| {technique} | {counts['passed']} | {counts['refused by name']} | {counts['refused']} | "
+                     f"{counts['failed']} |")
+    reasons = Counter((r["technique"], r["status"], reason_of(r)) for r in records if r["status"] != "passed")
+    lines += ["", "| technique | status | runs | reason |", "|---|---|---|---|"]
+    for (technique, status, reason), n in sorted(reasons.items(), key=lambda item: (item[0][0], -item[1])):
+        lines.append(f"| {technique} | {status} | {n} | {reason.replace('|', '/')} |")
+    lines += ["", "Passed: " + ", ".join(sorted({r["variant"] for r in records if r["status"] == "passed"})) + "."]
     return "\n".join(lines)
 
 
