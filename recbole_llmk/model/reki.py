@@ -1,17 +1,23 @@
-r"""REKI: knowledge-augmented variants of RecBole's CTR models (``<Base>_REKI``).
+r"""REKI: knowledge-augmented variants of RecBole's models (``<Base>_REKI``).
 
 Reference:
     Yunjia Xi et al. "Towards Open-World Recommendation with Knowledge Augmentation from Large
     Language Models." RecSys 2024 (KAR); journal version "REKI".
 
 The knowledge vectors of the user and the target item (``techniques.reki``) pass through HEIN
-into two augmented vectors of the backbone's embedding size, which join the backbone as two extra
-feature fields and are trained jointly with it. One rule per backbone family says where they enter:
+into two augmented vectors of the backbone's embedding size, trained jointly with the backbone.
+One rule per backbone family says where they enter:
 
-- context-aware models (``recbole.model.context_aware_recommender``): two more fields in
-  ``embed_input_fields``, before the model sizes its layers by ``num_feature_field``;
+- context-aware models (``recbole.model.context_aware_recommender``): two more feature fields in
+  ``embed_input_fields``, before the model sizes its layers by ``num_feature_field`` (the paper's
+  setting);
 - deep-interest models (DIN, DIEN), whose forward builds its DNN input internally: appended to the
-  input of their final DNN (``dnn_mlp_layers``), as KAR does for DIN.
+  input of their final DNN (``dnn_mlp_layers``), as KAR does for DIN;
+- general and sequential models (BPR, LightGCN, SASRec, ...), which have no feature fields: fused
+  into their user and item ID embeddings (:mod:`recbole_llmk.model.fusion`, ``hein_fusion``).
+  Deviation from the paper, which evaluates CTR models only: the augmented vector is added through
+  a gate that starts at zero, so such a variant starts as its stock model and the knowledge enters
+  where the model reads its IDs (graph models propagate it).
 """
 
 from functools import lru_cache
