@@ -1,6 +1,6 @@
 """The openai backend against a real llama.cpp server serving a real instruct model (SmolLM2).
 
-Skipped where llama-cpp-python is not installed (CI does not build it: ~30 min, see the README).
+Skipped, saying so, where llama-cpp-python is not installed; .ci/run builds it in a venv of its own (the README says how).
 """
 
 import json
