@@ -53,7 +53,7 @@ def batch_files(config, train_data, run):
     """Export the knowledge prompts not yet answered as an OpenAI Batch / vLLM run-batch file
     (``run='export_batch'``), or import such a job's results into the answer cache
     (``run='import_batch'``); both at ``batch_file``. The next run then sends nothing for them."""
-    from recbole_llmk.knowledge.generation import export_batch, import_batch
+    from recbole_llmk.knowledge.batch_files import export_batch, import_batch
     from recbole_llmk.knowledge.pipeline import cache_dir
 
     requests_of = getattr(config.model_class, "knowledge_requests", None)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from recbole_llmk.knowledge.generation import (GenerationError, Request, export_batch, import_batch,
-                                               make_backend)
+from recbole_llmk.knowledge.batch_files import export_batch, import_batch
+from recbole_llmk.knowledge.generation import GenerationError, Request, make_backend
 from recbole_llmk.knowledge.llm_cache import CACHE_FILE, LLMCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

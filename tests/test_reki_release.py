@@ -80,7 +80,8 @@ def test_prompt_titles_resolve_to_movielens_ids(release):
 
 
 def test_all_377_prompts_replay_through_the_replay_backend(release, tmp_path):
-    from recbole_llmk.knowledge.generation import Request, load_recordings, make_backend
+    from recbole_llmk.knowledge.generation import Request, make_backend
+    from recbole_llmk.knowledge.llm_replay import load_recordings
 
     replay_file = tmp_path / "reki_ml1m.jsonl"
     assert release.write_replay_file(replay_file) == 377

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from recbole_llmk.knowledge.history import LeakageError, training_dataset, training_interactions
+from recbole_llmk.knowledge.history import training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore
 from recbole_llmk.model.layers import AttentionFusion, ConcatFusion, FusedEmbedding, GatedFusion
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk

@@ -456,7 +456,7 @@ class ReleasedKnowledge:
 
     def replay_records(self):
         """[{"prompt", "response"}] for all completions, the shape the replay backend reads
-        (:func:`recbole_llmk.knowledge.generation.load_recordings`). Note: the raw knowledge.json
+        (:func:`recbole_llmk.knowledge.llm_replay.load_recordings`). Note: the raw knowledge.json
         lines are *not* replayable as they are: their ``prompt`` field is the cluster id."""
         return [{"prompt": self.prompts[key], "response": self.texts[key], "cluster": f"{key[0]}:{key[1]}",
                  "model": self.model} for key in sorted(self.texts, key=lambda k: (KINDS.index(k[0]), k[1]))]
