@@ -38,6 +38,14 @@ NO_ID_TABLES = {
 }
 
 
+# Sequential models whose forward returns no single sequence representation for the user's
+# knowledge to join, and what it returns (found by RecBole's own model tests, run through the plugin).
+NO_SEQUENCE_REPRESENTATION = {
+    "RepeatNet": "its forward returns item probabilities (a repeat/explore mixture), not a sequence representation",
+    "SASRecCPR": "its forward returns a list of sequence representations, one per softmax head",
+}
+
+
 def id_tables(model, side, n):
     """Names of ``model``'s direct ``nn.Embedding`` children for ``side`` (``user``/``item``)
     with one row per id (or one more, e.g. BERT4Rec's mask token)."""
@@ -102,6 +110,10 @@ class FusedFamily:
     @classmethod
     def check_fits(cls, config, dataset):
         base = cls.__bases__[-1]
+        if issubclass(cls, FusedSequential) and "user" in cls.fused_sides(config) \
+                and base.__name__ in NO_SEQUENCE_REPRESENTATION:
+            raise ValueError(f"{cls.__name__} is not supported: {base.__name__} {NO_SEQUENCE_REPRESENTATION[base.__name__]}, "
+                             f"which the user's {cls.technique} knowledge would join. Checked before any knowledge was built.")
         model = base(config, dataset)
         sides = [s for s in cls.fused_sides(config) if s in cls.table_sides]
         for side in sides:
