@@ -14,7 +14,6 @@ the LLM are, train where the GPU is (``benchmarks/device_session.py``). Not part
 """
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -30,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from recbole_llmk.files import written_whole  # noqa: E402  (light: no torch, no RecBole)
+from recbole_llmk.defaults import plugin_defaults  # noqa: E402  (light: no torch, no RecBole)
+from recbole_llmk.files import written_whole  # noqa: E402
 
 
 def stock_of(model):
@@ -183,17 +183,6 @@ BEFORE_IT_EXISTED = {"reland_user_fusion": ("attention", reads_reland),
 
 def old_values(model, settings):
     return {k: old for k, (old, changes) in BEFORE_IT_EXISTED.items() if changes(model, settings)}
-
-
-@lru_cache(maxsize=None)
-def plugin_defaults():
-    """Every default in the plugin's property files (``recbole_llmk/properties``)."""
-    defaults = {}
-    folder = os.path.join(ROOT, "recbole_llmk", "properties")
-    for path in sorted(glob.glob(os.path.join(folder, "**", "*.yaml"), recursive=True)):
-        with open(path, encoding="utf-8") as f:
-            defaults.update(yaml.safe_load(f) or {})
-    return defaults
 
 
 def listed(config, key):

@@ -18,10 +18,10 @@ import yaml
 from recbole.config import Config
 
 from recbole_llmk.compat import check_stack
+from recbole_llmk.defaults import PROPERTIES
 from recbole_llmk.metrics import register_metrics
 from recbole_llmk.utils import get_model
 
-PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
 # Settings with these prefixes are the plugin's: one that no property file defines is a typo.
 PLUGIN_PREFIXES = ("reki_", "reland_", "learn_", "llm_", "knowledge_", "hein_", "encoder_")
 

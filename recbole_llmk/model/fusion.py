@@ -19,11 +19,10 @@ says what is fused and how (:class:`FusionTechnique`). Models without such table
 before any knowledge is built (``check_fits``).
 """
 
-import torch
 from recbole.model.abstract_recommender import GeneralRecommender, SequentialRecommender
 from torch import nn
 
-from recbole_llmk.model.layers import FusedEmbedding, adapted
+from recbole_llmk.model.layers import FusedEmbedding, adapted, adapted_once
 
 # General models without an ID table per user or item to fuse into, and why.
 NO_ID_TABLES = {
@@ -182,15 +181,10 @@ class FusedSequential(FusedFamily, SequentialRecommender):
         finally:
             self._batch_users = None
 
-    @torch.no_grad()
     def prestore_fused(self):
         """Adapt the user knowledge once, as the item tables do (``FusedEmbedding.prestore``)."""
-        if getattr(self, "user_adapter", None) is not None:
-            was_training = self.user_adapter.training
-            self.user_adapter.eval()
-            self.user_knowledge = self.user_adapter(self.user_knowledge)
-            self.user_adapter.train(was_training)
-            self.user_adapter = None
+        if self.user_adapter is not None:
+            self.user_knowledge, self.user_adapter = adapted_once(self.user_adapter, self.user_knowledge), None
 
     def calculate_loss(self, interaction):
         return self._with_users(super().calculate_loss, interaction)

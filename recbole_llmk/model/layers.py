@@ -222,6 +222,17 @@ def make_fusion(kind, dim, knowledge_dim, setting):
     return FUSIONS[kind](dim, knowledge_dim)
 
 
+@torch.no_grad()
+def adapted_once(adapter, table):
+    """``adapter(table)`` in eval mode, the adapter's mode kept: the table served after prestoring."""
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        return adapter(table)
+    finally:
+        adapter.train(was_training)
+
+
 def adapted(adapter, table, ids):
     """``table[ids]``, through ``adapter`` (once per distinct id) when there is one."""
     return table[ids] if adapter is None else per_unique_id(adapter, table, ids)
@@ -273,11 +284,7 @@ class FusedEmbedding(nn.Module):
     def prestore(self):
         """Run the adapter once over every row and serve its output (REKI's deployment)."""
         if self.adapter is not None:
-            was_training = self.adapter.training
-            self.adapter.eval()
-            self.knowledge = self.adapter(self.knowledge)
-            self.adapter.train(was_training)
-            self.adapter = None
+            self.knowledge, self.adapter = adapted_once(self.adapter, self.knowledge), None
 
     @property
     def weight(self):
