@@ -106,3 +106,45 @@ def test_hein_with_unequal_user_and_item_widths_shares_its_experts():
         hein.zero_grad()
         side().sum().backward()
         assert hein.shared[0].mlp_layers[1].weight.grad.abs().sum() > 0  # the shared expert learns from both sides
+
+
+def one_by_one(hein, side, knowledge):
+    """HEIN's side as the paper writes it: each expert MLP on its own, mixed by the softmax gate."""
+    project, experts, gate, out = ((hein.user_in, hein.user_experts, hein.user_gate, hein.user_out) if side == "user"
+                                   else (hein.item_in, hein.item_experts, hein.item_gate, hein.item_out))
+    x = project(knowledge)
+    outputs = torch.stack([e(x) for e in (*hein.shared, *experts)], dim=1)
+    return out((torch.softmax(gate(x), dim=-1).unsqueeze(-1) * outputs).sum(1))
+
+
+@pytest.mark.parametrize("hidden_sizes", [[6], [16, 8, 4]])
+def test_hein_batched_experts_equal_the_experts_one_by_one(hidden_sizes):
+    from recbole_llmk.model.layers import HEIN
+
+    torch.manual_seed(0)
+    hein = HEIN(user_dim=12, item_dim=8, output_dim=4, n_shared=2, n_user=1, n_item=3, hidden_sizes=hidden_sizes)
+    inputs = {"user": torch.randn(7, 12), "item": torch.randn(7, 8)}
+    for side, knowledge in inputs.items():
+        grads = []
+        for compute in (lambda: getattr(hein, side)(knowledge), lambda: one_by_one(hein, side, knowledge)):
+            hein.zero_grad()
+            out = compute()
+            (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+            grads.append((out.detach(), {n: p.grad.clone() for n, p in hein.named_parameters() if p.grad is not None}))
+        (batched, batched_grads), (reference, reference_grads) = grads
+        torch.testing.assert_close(batched, reference)
+        assert batched_grads.keys() == reference_grads.keys()
+        for name in reference_grads:
+            torch.testing.assert_close(batched_grads[name], reference_grads[name], msg=name)
+
+
+def test_hein_batched_experts_draw_a_dropout_mask_per_expert():
+    from recbole_llmk.model.layers import HEIN
+
+    torch.manual_seed(0)
+    hein = HEIN(user_dim=6, item_dim=6, output_dim=3, n_shared=1, n_user=1, n_item=1, hidden_sizes=[5], dropout=0.5)
+    knowledge = torch.randn(64, 6)
+    hein.train()
+    assert not torch.equal(hein.user(knowledge), hein.user(knowledge))  # masks drawn each call
+    hein.eval()
+    torch.testing.assert_close(hein.user(knowledge), one_by_one(hein, "user", knowledge))  # none at evaluation

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from recbole.model.layers import MLPLayers
 
 
@@ -43,9 +44,8 @@ class HEIN(nn.Module):
 
     def _side(self, x, project, experts, gate, out):
         x = project(x)
-        outputs = torch.stack([e(x) for e in (*self.shared, *experts)], dim=1)  # [B, E, h]
-        weights = torch.softmax(gate(x), dim=-1).unsqueeze(-1)  # [B, E, 1]
-        return out((weights * outputs).sum(1))
+        outputs, logits = expert_outputs(x, (*self.shared, *experts), gate)  # [E, B, h], [B, E]
+        return out(torch.einsum("be,ebh->bh", torch.softmax(logits, dim=-1), outputs))
 
     def user(self, knowledge):
         return self._side(knowledge, self.user_in, self.user_experts, self.user_gate, self.user_out)
@@ -55,6 +55,42 @@ class HEIN(nn.Module):
 
     def forward(self, user_knowledge, item_knowledge):
         return self.user(user_knowledge), self.item(item_knowledge)
+
+
+def expert_outputs(x, experts, gate):
+    """Every expert MLP of one HEIN side on ``x``, and the side's gate logits, as batched ops:
+    -> ``([E, B, h], [B, E])``.
+
+    The parameters stay in the experts' own ``MLPLayers`` (so the backbone's ``_init_weights``
+    initialises them as before and checkpoints keep their names); the computation stacks them:
+    the first layers of all experts and the gate are one matrix product over ``x`` (they read the
+    same input), each later layer one batched product. Equal to running the experts one by one
+    (tests/test_reki.py checks outputs and gradients) at a fraction of the small ops: a batch's
+    ~1,000 distinct ids made eight small products per layer, which dominated a cheap backbone's
+    step (issue 36's profile of DeepFM_REKI)."""
+    layers = [[m for m in e.mlp_layers if isinstance(m, nn.Linear)] for e in experts]
+    dropout = experts[0].dropout
+    first = [expert[0] for expert in layers]
+    n, width = len(experts), first[0].out_features
+    if dropout and experts[0].training:  # a mask of its own per expert, as one by one
+        xs = F.dropout(x.unsqueeze(0).expand(n, *x.shape), dropout, True)
+        weight = torch.stack([layer.weight for layer in first])
+        hidden = torch.baddbmm(torch.stack([layer.bias for layer in first]).unsqueeze(1), xs, weight.transpose(1, 2))
+        logits = gate(x)
+    else:
+        weight = torch.cat([*(layer.weight for layer in first), gate.weight])
+        bias = torch.cat([*(layer.bias for layer in first), gate.bias])
+        both = F.linear(x, weight, bias)
+        hidden = both[:, :n * width].view(len(x), n, width).transpose(0, 1)
+        logits = both[:, n * width:]
+    hidden = torch.relu(hidden)
+    for depth in range(1, len(layers[0])):
+        if dropout:
+            hidden = F.dropout(hidden, dropout, experts[0].training)
+        weight = torch.stack([expert[depth].weight for expert in layers])
+        bias = torch.stack([expert[depth].bias for expert in layers])
+        hidden = torch.relu(torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2)))
+    return hidden, logits
 
 
 class HEINSide(nn.Module):
