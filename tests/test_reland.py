@@ -13,7 +13,7 @@ from recbole_llmk.knowledge.history import training_dataset, training_interactio
 from recbole_llmk.knowledge.store import KnowledgeStore
 from recbole_llmk.model.layers import AttentionFusion, ConcatFusion, FusedEmbedding, GatedFusion
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
-from recbole_llmk.techniques.reland import (SeedSampler, nearest_seeds, parse_rationale, proportional_allocation,
+from recbole_llmk.techniques.reland import (SeedSampler, WeightedDraws, nearest_seeds, parse_rationale, proportional_allocation,
                                             reland_requests, train_behaviour_encoder)
 from recbole_llmk.utils import get_model
 
@@ -44,6 +44,44 @@ def test_seed_sampling_size_and_reproducibility():
     assert len(SeedSampler(100, n_clusters=3).sample(points, counts)) == 100  # everybody
     with pytest.raises(ValueError, match="between 1 and 100"):
         SeedSampler(101).sample(points, counts)
+
+
+def numpy_draws(rng, weights, taken, m):
+    """The importance-aware picks as seed sampling made them before WeightedDraws: numpy's choice
+    over every user, the taken ones at weight 0."""
+    weights = np.where(taken, 0.0, weights)
+    return rng.choice(len(weights), m, replace=False, p=weights / weights.sum()).tolist()
+
+
+@pytest.mark.parametrize("n, seed", [(1, 0), (7, 1), (500, 2), (5000, 3)])
+def test_weighted_draws_pick_what_numpy_choice_picks(n, seed):
+    rng = np.random.default_rng(seed)
+    weights = np.maximum(rng.integers(0, 50, n).astype(float), 1e-12)  # some users with ~no activity
+    ours, theirs = np.random.default_rng(seed + 100), np.random.default_rng(seed + 100)
+    draws, taken = WeightedDraws(weights), np.zeros(n, dtype=bool)
+    while not taken.all():
+        for user in rng.choice(np.flatnonzero(~taken), min(3, (~taken).sum()), replace=False):
+            draws.remove(user)  # taken elsewhere (a representative pick)
+            taken[user] = True
+        m = min(int(rng.integers(1, 20)), int((~taken).sum()))
+        if m:
+            expected = numpy_draws(theirs, weights, taken, m)
+            assert draws.draw(ours, m) == expected
+            taken[expected] = True
+    assert ours.random() == theirs.random()  # the generator was consumed alike
+
+
+def test_seed_sampling_is_not_quadratic_in_users():
+    """One pick per round (the slowest schedule) over 10^5 users: numpy's choice per round made
+    this ~10^4 passes over every user."""
+    import time
+
+    rng = np.random.default_rng(0)
+    vectors, counts = rng.normal(size=(100_000, 8)).astype(np.float32), rng.integers(1, 200, 100_000)
+    began = time.process_time()
+    seeds = SeedSampler(10_000, n_clusters=10, round_size=1, seed=0).sample(vectors, counts)
+    assert len(set(seeds.tolist())) == 10_000
+    assert time.process_time() - began < 3.5  # 1.3 s here; 6.7 s with numpy's choice per round
 
 
 def test_representative_picks_cover_every_cluster_in_proportion():
