@@ -208,6 +208,59 @@ def test_default_store_is_reused_and_keyed_by_split(tiny_config, workdir):
     assert texts["3"].startswith("title: Title3 Story")  # llm_backend none: the description is the text
 
 
+def test_a_text_is_encoded_once_whichever_store_needs_it(tiny_config, workdir, monkeypatch):
+    """REKI and LEARN read the same item descriptions: the second store encodes none of them again,
+    and a store built without the cache gets the same vectors."""
+    from recbole_llmk.knowledge.encoder import TextEncoder
+
+    encoded = []
+    real_encode = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts)) or
+                        real_encode(self, texts, *a, **k))
+    config, _, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    reki = build_knowledge(config, train_data)
+    assert reki.meta["encodings_reused"] == 0 and encoded
+    encoded.clear()
+    config, _, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, seed=7))
+    other_split = build_knowledge(config, train_data)  # another split: new user histories, the same items
+    assert 0 < other_split.meta["encodings_reused"] < other_split.meta["distinct_texts"]
+    assert sum(encoded) == other_split.meta["distinct_texts"] - other_split.meta["encodings_reused"]
+    config, _, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=dict(
+        tiny_config, encoding_cache=False, knowledge_store_path=str(workdir / "uncached")))
+    uncached = build_knowledge(config, train_data)
+    tokens, vectors = reki.vectors("item")
+    assert uncached.vectors("item")[0] == tokens
+    np.testing.assert_allclose(uncached.vectors("item")[1], vectors, atol=1e-5)
+    np.testing.assert_allclose(other_split.vectors("item")[1], vectors, atol=1e-5)
+    assert os.listdir(workdir / "knowledge" / "encodings")  # one file per encoder setting
+
+
+def test_encoding_cache_keeps_what_a_killed_build_encoded(tiny_encoder, tmp_path, monkeypatch):
+    from recbole_llmk.knowledge import encoding_cache
+    from recbole_llmk.knowledge.encoder import TextEncoder
+
+    encoder = TextEncoder(tiny_encoder, batch_size=2)
+    texts = [f"w{i} w{i + 1}" for i in range(10)]
+    monkeypatch.setattr(encoding_cache, "SAVE_EVERY", 4)
+    calls = []
+
+    def killed_after_three_batches(indices, vectors):
+        calls.append(indices)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    cache = encoding_cache.EncodingCache(str(tmp_path), encoder)
+    real = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda t, desc="", on_batch=None: real(
+        t, desc, lambda i, v: (on_batch(i, v), killed_after_three_batches(i, v))))
+    with pytest.raises(KeyboardInterrupt):
+        cache.encode(texts)
+    monkeypatch.setattr(encoder, "encode", real)
+    vectors, reused = encoding_cache.EncodingCache(str(tmp_path), encoder).encode(texts)
+    assert reused == 4  # two batches of 2 were saved before the kill; the third was not yet
+    np.testing.assert_allclose(vectors, encoder.encode(texts), atol=1e-5)
+
+
 def test_encoder_pooling(tiny_encoder):
     texts = ["w1 w2 w3", "w4"]
     mean = TextEncoder(tiny_encoder, pooling="mean").encode(texts)

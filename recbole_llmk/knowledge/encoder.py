@@ -84,8 +84,9 @@ class TextEncoder:
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     @torch.no_grad()
-    def encode(self, texts, desc="encoding"):
-        """``[len(texts), dim]`` float32; batches are sorted by length to waste little padding."""
+    def encode(self, texts, desc="encoding", on_batch=None):
+        """``[len(texts), dim]`` float32; batches are sorted by length to waste little padding.
+        ``on_batch(indices, vectors)`` is called after each batch (to save work as it is done)."""
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -103,6 +104,8 @@ class TextEncoder:
             tokens = tokens.to(self.device)
             hidden = self.model(**tokens).last_hidden_state
             vectors[batch] = self._pool(hidden, tokens["attention_mask"]).float().cpu().numpy()
+            if on_batch is not None:
+                on_batch(batch, vectors[batch])
         logging.getLogger().info(f"encoded {len(texts)} texts with {self.name} ({self.pooling} pooling, dim {self.dim})")
         if cut:
             kept = "their start" if self.truncation == "head" else "their start and their end"

@@ -139,6 +139,18 @@ def file_lock(path, wait=True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def encode_texts(config, encoder, texts):
+    """``(vectors, how many came from the encoding cache)``; see :mod:`.encoding_cache`."""
+    if not setting(config, "encoding_cache"):
+        return encoder.encode(texts, desc="encoding knowledge"), 0
+    from recbole_llmk.knowledge.encoding_cache import EncodingCache
+
+    cache = EncodingCache(os.path.join(setting(config, "knowledge_dir"), "encodings"), encoder)
+    vectors, reused = cache.encode(texts, desc="encoding knowledge")
+    logging.getLogger().info(f"{reused} of {len(texts)} knowledge texts were encoded before ({cache.path})")
+    return vectors, reused
+
+
 def build_store(config, settings, plan, path):
     from recbole_llmk.knowledge.generation import make_backend
 
@@ -158,7 +170,8 @@ def build_store(config, settings, plan, path):
     vectors, encoder_dim = {}, None
     if keys:
         encoder = TextEncoder.from_config(config)
-        vectors = dict(zip(keys, encoder.encode([texts[k] for k in keys], desc="encoding knowledge")))
+        encoded, reused = encode_texts(config, encoder, [texts[k] for k in keys])
+        vectors = dict(zip(keys, encoded))
         encoder_dim = encoder.dim
     entries = {kind: (tokens, rows, [""] * len(tokens)) for kind, (tokens, rows) in (plan.vectors or {}).items()}
     for kind, rows in plan.layout.items():
@@ -170,7 +183,7 @@ def build_store(config, settings, plan, path):
             kind_vectors = np.zeros((0, encoder_dim or 0), np.float32)
         entries[kind] = (tokens, kind_vectors, [texts[rows[t]] for t in tokens])
     meta = dict(settings, generation=asdict(report), llm_backend_model=backend.model_id,
-                encoder_dim=encoder_dim, build_seconds=round(time.time() - start, 2),
+                encoder_dim=encoder_dim, encodings_reused=reused if keys else 0, build_seconds=round(time.time() - start, 2),
                 created=time.strftime("%Y-%m-%d %H:%M:%S"), distinct_texts=len(keys))
     if plan.sides:
         meta["knowledge_kinds"] = plan.sides
