@@ -422,3 +422,25 @@ def test_atomic_files_are_read_as_recbole_reads_them(tmp_path):
     if (shared / "test.inter").is_file():
         frame, _ = read_atomic(str(shared / "test.inter"))
         assert len(frame) == sum(1 for _ in open(shared / "test.inter")) - 1
+
+
+def test_a_store_is_read_memory_mapped_into_the_same_table(tiny_config, workdir, monkeypatch):
+    """The aligned table equals one made from the whole vectors (the way stores were read before),
+    bit for bit, with the mean default and rows read a few at a time."""
+    from recbole_llmk.knowledge import store as store_module
+
+    config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    store = build_knowledge(config, train_data)
+    tokens, rows, distinct = store._rows("user")
+    assert isinstance(distinct, np.memmap) and not distinct.flags.writeable
+    monkeypatch.setattr(store_module, "CHUNK_ROWS", 3)
+    field = config["USER_ID_FIELD"]
+    dataset.field2token_id[field] = {t: i for t, i in dataset.field2token_id[field].items() if t != tokens[0]}
+    table = store.aligned("user", dataset, field)  # tokens[0] unknown to the dataset: its id is cold
+    vectors = np.asarray(distinct)[rows]
+    expected = np.zeros_like(table)
+    known = np.array([t in dataset.field2token_id[field] for t in tokens])
+    expected[:] = vectors[known].mean(0)
+    expected[0] = 0
+    expected[[dataset.field2token_id[field][t] for t in np.array(tokens)[known]]] = vectors[known]
+    assert np.array_equal(table, expected)

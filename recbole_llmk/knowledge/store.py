@@ -9,10 +9,12 @@ costs). Collective knowledge gives a whole cluster one text; storing it once per
 of once per member makes such stores several times smaller (they travel to GPU machines).
 Rows are aligned to RecBole's internal ids when loaded, through ``field2token_id``, so the
 files' order never matters. Vectors are stored once and read, never recomputed, at training
-and inference time. Stores written before ``rows.npy`` existed (``<kind>.npy``, one row per
+and inference time; they are read memory-mapped, so loading a store copies only the rows a run's
+ids need. Stores written before ``rows.npy`` existed (``<kind>.npy``, one row per
 token) are still read.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -99,9 +101,9 @@ class KnowledgeStore:
                                       f"(it has {self.meta.get('kinds')})")
         tokens = _read(self.path, f"{kind}.tokens.json", _json)
         if not os.path.isfile(os.path.join(self.path, f"{kind}.rows.npy")):  # from before deduplication
-            return tokens, np.arange(len(tokens)), _read(self.path, f"{kind}.npy", _array)
+            return tokens, np.arange(len(tokens)), _read(self.path, f"{kind}.npy", _mapped)
         rows = _read(self.path, f"{kind}.rows.npy", _array)
-        distinct = _read(self.path, f"{kind}.vectors.npy", _array)
+        distinct = _read(self.path, f"{kind}.vectors.npy", _mapped)
         dim = self.meta.get("dims", {}).get(kind)
         if distinct.ndim != 2 or (dim is not None and distinct.shape[1] != dim):
             raise _damaged(self.path, f"{kind}.vectors.npy", f"shape {distinct.shape}, {self.META} says {dim} dims")
@@ -114,26 +116,41 @@ class KnowledgeStore:
         """``[dataset.num(field), dim]`` float32 matrix indexed by RecBole's internal id.
 
         Ids without knowledge (cold users/items, never the padding id 0) get a default vector:
-        the mean of the known vectors, or zeros. Their number is logged."""
-        tokens, vectors = self.vectors(kind)
+        the mean of the known vectors, or zeros. Their number is logged. The stored vectors are
+        read memory-mapped, a chunk of rows at a time: the table is the one full copy made."""
+        tokens, rows, distinct = self._rows(kind)
         token2id = dataset.field2token_id[field]
-        rows = np.array([token2id.get(t, -1) for t in tokens], dtype=np.int64)
-        known = rows >= 0
-        table = np.zeros((dataset.num(field), vectors.shape[1]), dtype=np.float32)
-        if default == "mean" and known.any():
-            table[:] = vectors[known].mean(0)  # over ids, not distinct rows: a big cluster weighs more
+        ids = np.array([token2id.get(t, -1) for t in tokens], dtype=np.int64)
+        known = ids >= 0
+        ids, rows = ids[known], np.asarray(rows)[known]
+        table = np.zeros((dataset.num(field), distinct.shape[1]), dtype=np.float32)
+        if default == "mean" and len(ids):
+            table[:] = mean_of_rows(distinct, rows)  # over ids, not distinct rows: a big cluster weighs more
         elif default not in ("mean", "zero"):
             raise ValueError(f"knowledge_default must be 'mean' or 'zero', got '{default}'")
         table[0] = 0.0
-        table[rows[known]] = vectors[known]
+        for start in range(0, len(ids), CHUNK_ROWS):
+            table[ids[start:start + CHUNK_ROWS]] = distinct[rows[start:start + CHUNK_ROWS]]
         covered = np.zeros(len(table), dtype=bool)
-        covered[rows[known]] = True
+        covered[ids] = True
         cold = int((~covered[1:]).sum())
         logging.getLogger().info(
-            f"{kind} knowledge from {self.path}: {int(known.sum())} of {len(table) - 1} {field} ids "
+            f"{kind} knowledge from {self.path}: {len(ids)} of {len(table) - 1} {field} ids "
             f"covered, {cold} get the {default} default vector"
             + (f", {int((~known).sum())} stored tokens not in this dataset" if (~known).any() else ""))
         return table
+
+
+CHUNK_ROWS = 65536  # rows of a memory-mapped store read at once
+
+
+def mean_of_rows(distinct, rows):
+    """``distinct[rows].mean(0)`` without making ``distinct[rows]``: numpy sums a float32 matrix
+    down its rows in order, so carrying the running sum from chunk to chunk gives the same bits."""
+    total = np.zeros(distinct.shape[1], dtype=np.float32)
+    for start in range(0, len(rows), CHUNK_ROWS):
+        total = np.add.reduce(np.concatenate([total[None], distinct[rows[start:start + CHUNK_ROWS]]]), axis=0)
+    return total / np.float32(len(rows))
 
 
 def run_table(store, config, dataset, kind, side):
@@ -158,6 +175,11 @@ def _array(path):
     return np.load(path, allow_pickle=False)
 
 
+def _mapped(path):
+    """A stored array memory-mapped (read-only): a page is read when a row on it is."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
 def _damaged(folder, name, why):
     return KnowledgeStoreError(
         f"knowledge store file {os.path.join(folder, name)} is damaged or unreadable ({why}). Rebuild the store: "
@@ -176,8 +198,9 @@ def _read(folder, name, reader):
 def _write_kind(folder, kind, tokens, vectors, texts):
     """One kind's files: each distinct (vector, text) pair once, in order of first appearance."""
     row_of, rows = {}, []
-    for vector, text in zip(vectors, texts):
-        rows.append(row_of.setdefault((vector.tobytes(), text), len(row_of)))
+    for vector, text in zip(vectors, texts):  # keyed by a digest of the vector: not a copy of it
+        key = (hashlib.blake2b(vector.tobytes(), digest_size=16).digest(), text)
+        rows.append(row_of.setdefault(key, len(row_of)))
     rows = np.asarray(rows, dtype=np.int32)
     first = np.unique(rows, return_index=True)[1]  # the first token of each row, row order
     np.save(os.path.join(folder, f"{kind}.vectors.npy"), np.ascontiguousarray(vectors[first]))
