@@ -19,6 +19,7 @@ from recbole.config import Config
 
 from recbole_llmk.compat import check_stack
 from recbole_llmk.defaults import PROPERTIES
+from recbole_llmk.distributed import backend_of, join_on_cpu
 from recbole_llmk.metrics import register_metrics
 from recbole_llmk.utils import get_model
 
@@ -119,6 +120,13 @@ class LLMKConfig(Config):
                 self._update_internal_config_dict(file)
         self.internal_config_dict["base_model"] = base
         self.internal_config_dict["technique"] = technique
+
+    def _init_device(self):
+        """RecBole's, but a distributed run joins with gloo on CPUs (RecBole's is NCCL, GPUs only)."""
+        if "local_rank" in self.final_config_dict and backend_of(self.final_config_dict) == "gloo":
+            join_on_cpu(self.final_config_dict)
+        else:
+            super()._init_device()
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

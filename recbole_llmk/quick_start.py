@@ -13,6 +13,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_llmk.compat import make_run_folders, set_process_modes
 from recbole_llmk.config import LLMKConfig
+from recbole_llmk.distributed import finish, is_distributed, replicas_in_sync
 from recbole_llmk.logs import protect_logs
 from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
 
@@ -68,13 +69,43 @@ def batch_files(config, train_data, run):
 RUNS = ("train", "knowledge", "export_batch", "import_batch")
 
 
-def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, run="train"):
+def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, run="train",
+                     nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0):
     """Train and evaluate ``model`` (``run='train'``); or only build its knowledge
     (``'knowledge'``); or hand its prompts to a batch service and back (``'export_batch'``,
-    ``'import_batch'``, see ``batch_files``)."""
+    ``'import_batch'``, see ``batch_files``). ``nproc`` processes (``world_size`` over all
+    machines, rank 0 at ``ip:port``, this machine's first rank ``group_offset``) train one model
+    with RecBole's distributed training, on GPUs or CPUs (:mod:`recbole_llmk.distributed`); the
+    result is rank 0's, without the model and trainer objects."""
     if run not in RUNS:
         raise ValueError(f"run must be one of {RUNS}, got '{run}'")
+    if nproc == 1 and world_size <= 0:
+        return run_one(model, dataset, config_file_list, config_dict, saved, run)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict = dict(config_dict or {}, world_size=world_size if world_size > 0 else nproc, ip=ip, port=port,
+                       nproc=nproc, offset=group_offset)
+    mp.spawn(run_rank, args=(model, dataset, config_file_list, config_dict, saved, run, queue), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def run_rank(rank, model, dataset, config_file_list, config_dict, saved, run, queue):
+    """One process of a distributed run (what RecBole's ``run_recboles`` is to ``run_recbole``)."""
+    result = run_one(model, dataset, config_file_list, dict(config_dict, local_rank=rank), saved, run)
+    if rank == 0:
+        queue.put({k: v for k, v in result.items() if k not in ("model", "trainer")})
+
+
+def run_one(model, dataset, config_file_list, config_dict, saved, run):
     config, dataset, train_data, valid_data, test_data = prepare(model, dataset, config_file_list, config_dict)
+    try:
+        return run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
+    finally:
+        finish(config)
+
+
+def run_prepared(config, dataset, train_data, valid_data, test_data, saved, run):
     logger = logging.getLogger()
     if run in ("export_batch", "import_batch"):
         result = batch_files(config, train_data, run)
@@ -89,6 +120,7 @@ def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dic
     trainer = get_trainer(config)(config, model)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    in_sync = replicas_in_sync(model) if is_distributed(config) else None  # as trained, before the best is loaded
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
@@ -102,6 +134,8 @@ def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dic
         "model": model,
         "trainer": trainer,
     }
+    if in_sync is not None:
+        result.update(replicas_in_sync=in_sync, world_size=config["world_size"])
     write_results(config, result, time.time() - start)
     return result
 
@@ -116,7 +150,7 @@ def write_results(config, result, seconds):
     from recbole_llmk.files import written_whole
 
     logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    if not logs:  # logging set up by someone else (a notebook, a test runner): no log to sit beside
+    if not logs or config["local_rank"] != 0:  # one results file for a distributed run: rank 0's  # logging set up by someone else (a notebook, a test runner): no log to sit beside
         return None
     path = os.path.splitext(logs[0])[0] + ".json"
     summary = {"model": config["model"], "dataset": config["dataset"], "seed": config["seed"],

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from recbole_llmk.compat import SafeCheckpointMixin
+from recbole_llmk.distributed import DistributedTrainerMixin
 from recbole_llmk.files import written_whole
 
 
@@ -172,4 +173,5 @@ def plugin_trainer_class(trainer_class):
 
     if not issubclass(trainer_class, Trainer):
         return trainer_class  # decision-tree trainers keep their own fit and checkpoint format
-    return type(trainer_class.__name__, (FixedNegativesMixin, ResumableMixin, SafeCheckpointMixin, trainer_class), {})
+    return type(trainer_class.__name__, (FixedNegativesMixin, ResumableMixin, DistributedTrainerMixin, SafeCheckpointMixin,
+                                         trainer_class), {})
