@@ -25,6 +25,10 @@ file once when it opens it, so before asking for a prompt a backend takes the pr
 reads what others appended since (:meth:`LLMCache.refresh`): a prompt another process is asking
 is waited for, then found, never paid twice. A claim ends with its process, so a killed run
 blocks nobody.
+
+In memory a cache holds each hash's place in the file (offset and length), not its record: a
+record is read back when asked for. 100,000 answers with their prompts are hundreds of MB of
+JSON; their places are a few MB.
 """
 
 import fcntl
@@ -61,32 +65,33 @@ class LLMCache:
         os.makedirs(cache_dir, exist_ok=True)
         self.path = os.path.join(cache_dir, filename)
         self._lock = threading.Lock()
-        self._records = {}
-        self._needs_newline = False
+        self._places = {}  # hash -> (offset, length) of its last record in the file
         self._offset = 0  # bytes of the file read so far (whole lines)
         self._claims = os.path.join(cache_dir, "claims")
         self._load()
 
     def _load(self):
+        """Read the file line by line (never whole: it may be larger than memory) into places."""
         if not os.path.exists(self.path):
             return
+        offset, bad = 0, []
         with open(self.path, "rb") as f:
-            data = f.read()
-        self._offset = len(data)
-        # A kill mid-write leaves no final newline; the next append must not glue onto it.
-        self._needs_newline = bool(data) and not data.endswith(b"\n")
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            record = self._parse(line)
-            if record is None:
-                last = number == len(lines) and self._needs_newline
-                what = "truncated last line (an interrupted write)" if last else "unreadable line"
-                logging.getLogger().warning(f"LLM cache {self.path}: skipping {what} {number}; "
-                                            f"its prompt will be generated again if needed")
-                continue
-            self._records[record["hash"]] = record
+            for number, line in enumerate(f, start=1):
+                start, offset = offset, offset + len(line)
+                cut = not line.endswith(b"\n")  # a kill mid-write (only ever the last line read)
+                body = line.rstrip(b"\n")
+                if not body.strip():
+                    continue
+                record = self._parse(body)
+                if record is None:
+                    bad.append((number, cut))
+                    continue
+                self._places[record["hash"]] = (start, len(body))
+        self._offset = offset
+        for number, cut in bad:
+            what = "truncated last line (an interrupted write)" if cut else "unreadable line"
+            logging.getLogger().warning(f"LLM cache {self.path}: skipping {what} {number}; "
+                                        f"its prompt will be generated again if needed")
 
     @staticmethod
     def _parse(line):
@@ -109,11 +114,13 @@ class LLMCache:
             except FileNotFoundError:
                 return
             whole = data[:data.rfind(b"\n") + 1]  # a line still being written is read next time
+            offset = self._offset
             self._offset += len(whole)
             for line in whole.split(b"\n"):
+                start, offset = offset, offset + len(line) + 1
                 record = self._parse(line) if line.strip() else None
                 if record is not None:
-                    self._records[record["hash"]] = record
+                    self._places[record["hash"]] = (start, len(line))
 
     @contextmanager
     def claim(self, *hashes):
@@ -129,11 +136,11 @@ class LLMCache:
 
     def __len__(self):
         with self._lock:
-            return len(self._records)
+            return len(self._places)
 
     def __contains__(self, hash_):
         with self._lock:
-            return hash_ in self._records
+            return hash_ in self._places
 
     def get(self, hash_):
         """The cached answer text for ``hash_``, or None."""
@@ -141,10 +148,14 @@ class LLMCache:
         return None if record is None else record["response"]
 
     def record(self, hash_):
-        """The whole cached record for ``hash_`` (a copy), or None."""
+        """The whole cached record for ``hash_``, read from the file, or None."""
         with self._lock:
-            record = self._records.get(hash_)
-        return None if record is None else dict(record)
+            place = self._places.get(hash_)
+        if place is None:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(place[0])
+            return self._parse(f.read(place[1]))
 
     def put(self, hash_, key, model, prompt, response, usage=None, **extra):
         """Store one answer durably (written and fsynced before returning). ``extra``: the
@@ -154,17 +165,19 @@ class LLMCache:
                   **{name: value for name, value in extra.items() if value is not None}}
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            data = (b"\n" if self._needs_newline else b"") + line
             # One O_APPEND write per record: even two processes sharing the cache never interleave.
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                # A kill mid-write (in any process) leaves a line without its newline: never glue onto it.
+                size = os.fstat(fd).st_size
+                data = (b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b"") + line
                 written = os.write(fd, data)
                 while written < len(data):
                     written += os.write(fd, data[written:])
                 os.fsync(fd)
+                end = os.lseek(fd, 0, os.SEEK_CUR)  # where this write ended, whatever others appended
             finally:
                 os.close(fd)
-            self._needs_newline = False
-            self._records[hash_] = record
-            if self._offset == os.path.getsize(self.path) - len(data):
+            self._places[hash_] = (end - len(line), len(line) - 1)
+            if self._offset == end - len(data):
                 self._offset += len(data)  # nothing else was appended meanwhile
