@@ -1,0 +1,161 @@
+"""How the knowledge pipeline's offline phases grow with users: seconds and peak memory per phase.
+
+    python benchmarks/scale.py [--users 10000,100000,1000000] [--phases seed_sampling,retrieval,...]
+        [--timeout 1200] [--out benchmarks/results/scale]
+
+Synthetic data (no LLM, no encoder: random behaviour vectors and random 384-d knowledge vectors),
+the plugin's own code for each phase, each (phase, size) in a process of its own so its peak
+memory is its own:
+  seed_sampling   ReLand's adaptive seed sampling: a pool of 10 % of the users, 10 clusters (64-d)
+  retrieval       ReLand's retrieval: every user's most similar seed (exact inner product, faiss)
+  kmeans          REKI-C's user clusters (KMeansClusterer, REKI's cap of 100 users a cluster; 64-d)
+  store_write     a store of one 384-d vector per user (KnowledgeStore.write)
+  store_load      that store aligned to the users' ids (KnowledgeStore.aligned: the table a model reads)
+Encoding is not run: it is linear in texts (one forward pass each; MiniLM ~60 texts/s on one CPU
+core) and belongs on a GPU or a batch job at scale. A phase that passes ``--timeout`` is recorded as
+such, not extrapolated. Prints a table with the growth exponent between sizes (slope of
+log seconds over log users) and writes it, with the code, library versions, threads and CPU, to
+``--out``. Not part of the test suite.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+PHASES = ("seed_sampling", "retrieval", "kmeans", "store_write", "store_load")
+
+
+class Users:
+    """The minimum of a RecBole dataset that ``KnowledgeStore.aligned`` reads."""
+
+    def __init__(self, n):
+        self.field2token_id = {"user_id": {str(i): i + 1 for i in range(n)}}
+        self.n = n
+
+    def num(self, field):
+        return self.n + 1
+
+
+def phase(name, n, folder):
+    """Run one phase on ``n`` synthetic users; -> (seconds of its work, resident MB before it): the
+    data is made and the plugin's modules imported before the clock starts."""
+    import numpy as np
+
+    from recbole_llmk.knowledge.clustering import KMeansClusterer
+    from recbole_llmk.knowledge.store import KnowledgeStore
+    from recbole_llmk.techniques.reland import SeedSampler, nearest_seeds
+
+    rng = np.random.default_rng(0)
+    path = os.path.join(folder, "store")
+    if name in ("seed_sampling", "retrieval", "kmeans"):
+        vectors = rng.standard_normal((n, 64), dtype=np.float32)
+        counts = rng.integers(1, 300, n)
+        seeds = vectors[rng.choice(n, max(1, n // 10), replace=False)]
+    elif name == "store_write":
+        knowledge = rng.standard_normal((n, 384), dtype=np.float32)
+        texts = [f"user {i} likes things" for i in range(n)]
+    elif not KnowledgeStore.exists(path):
+        raise SystemExit("store_load needs store_write's store: run the phases in order")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    began = time.perf_counter()
+    if name == "seed_sampling":
+        SeedSampler(max(1, n // 10), n_clusters=10, seed=0).sample(vectors, counts)
+    elif name == "retrieval":
+        nearest_seeds(vectors, seeds)
+    elif name == "kmeans":
+        KMeansClusterer(max_cluster_size=100, seed=0).fit(vectors)
+    elif name == "store_write":
+        KnowledgeStore.write(path, {"technique": "scale"}, {"user": ([str(i) for i in range(n)], knowledge, texts)})
+    else:
+        KnowledgeStore.open(path).aligned("user", Users(n), "user_id")
+    return time.perf_counter() - began, before
+
+
+def run_one(name, n, folder, timeout):
+    """``{seconds, peak_mb}`` of one phase in a fresh process, or ``{timed_out: True}``."""
+    code = (f"import sys, json, resource; sys.path[:0] = [{HERE!r}, {ROOT!r}]; from scale import phase; "
+            f"s, before = phase({name!r}, {n}, {folder!r}); "
+            "print(json.dumps({'seconds': s, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "'peak_mb_before': before}))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    except subprocess.TimeoutExpired:
+        return {"timed_out": True, "timeout_s": timeout}
+    if done.returncode:
+        return {"failed": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def exponents(rows, sizes):
+    import math
+
+    for name in {r["phase"] for r in rows}:
+        cells = {r["users"]: r for r in rows if r["phase"] == name and "seconds" in r}
+        for small, big in zip(sizes, sizes[1:]):
+            if small in cells and big in cells and cells[small]["seconds"] > 0:
+                cells[big]["exponent"] = round(math.log(cells[big]["seconds"] / cells[small]["seconds"])
+                                               / math.log(big / small), 2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", default="10000,100000,1000000")
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds a phase may take")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "scale"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.users.split(",")]
+    phases = args.phases.split(",")
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    sys.path.insert(0, HERE)
+    from run_suite import code_version
+
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as folder:
+            for name in phases:
+                row = dict(phase=name, users=n, **run_one(name, n, folder, args.timeout))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    exponents(rows, sizes)
+    import faiss
+    import numpy
+    import torch
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    report = {"rows": rows, **code_version(), "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "cpu": cpu,
+              "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+              "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
+                           "faiss": faiss.__version__, "torch": torch.__version__},
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scale.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print("\n| phase | users | seconds | peak MB (before the phase) | growth exponent |\n|---|---|---|---|---|")
+    for r in rows:
+        seconds = f"{r['seconds']:.2f}" if "seconds" in r else ("> %d (stopped)" % r["timeout_s"] if r.get("timed_out")
+                                                                 else f"failed: {r.get('failed')}")
+        print(f"| {r['phase']} | {r['users']:,} | {seconds} | {r.get('peak_mb', float('nan')):.0f} "
+              f"({r.get('peak_mb_before', float('nan')):.0f}) | "
+              f"{r.get('exponent', '')} |")
+    print(f"\ncommit {report['commit'][:7]}{' (code changed)' if report['code_changed'] else ''}, threads "
+          f"{report['threads']}, {cpu}, {report['cores']} cores, load {report['load_average_1min']:.1f}")
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
