@@ -1,4 +1,4 @@
-"""The README's coverage table is the code's: every RecBole model x technique."""
+"""docs/coverage.md's table is the code's: every RecBole model x technique."""
 
 import os
 
@@ -10,8 +10,8 @@ from recbole_llmk.utils import TECHNIQUES, get_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def readme_table():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def coverage_table():
+    with open(os.path.join(ROOT, "docs", "coverage.md"), encoding="utf-8") as f:
         text = f.read()
     rows = text.split(BEGIN, 1)[1].split(END, 1)[0].strip().splitlines()[2:]
     table = {}
@@ -23,9 +23,9 @@ def readme_table():
     return table
 
 
-def test_readme_cells_that_need_no_dataset_match_the_code():
+def test_cells_that_need_no_dataset_match_the_code():
     """Cells decided by name resolution alone (no fused-table check) are recomputed here."""
-    table = readme_table()
+    table = coverage_table()
     assert len(table) >= 80 and {"BPR", "SASRec", "DeepFM", "DIN"} <= set(table)
     for model, cells in table.items():
         for technique, shown in cells.items():
@@ -44,4 +44,4 @@ def test_readme_cells_that_need_no_dataset_match_the_code():
 def test_fused_cells_come_from_the_models_tables(name, expected, workdir):
     assert support(name, TrainingDatasets(str(workdir))) == expected
     model, _, technique = name.rpartition("_")
-    assert readme_table()[model][technique] == ("✓" if expected is None else f"– {expected}")
+    assert coverage_table()[model][technique] == ("✓" if expected is None else f"– {expected}")
