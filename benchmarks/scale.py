@@ -8,6 +8,8 @@ the plugin's own code for each phase, each (phase, size) in a process of its own
 memory is its own:
   seed_sampling   ReLand's adaptive seed sampling: a pool of 10 % of the users, 10 clusters (64-d)
   retrieval       ReLand's retrieval: every user's most similar seed (exact inner product, faiss)
+  retrieval_ivf   the same through an inverted-file index (reland_retrieval: ivf, nprobe 32), with
+                  its recall: the share of 10,000 sampled users given the seed exact search gives
   kmeans          REKI-C's user clusters (KMeansClusterer, REKI's cap of 100 users a cluster; 64-d)
   store_write     a store of one 384-d vector per user (KnowledgeStore.write)
   store_load      that store aligned to the users' ids (KnowledgeStore.aligned: the table a model reads)
@@ -32,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-PHASES = ("seed_sampling", "retrieval", "kmeans", "store_write", "store_load")
+PHASES = ("seed_sampling", "retrieval", "retrieval_ivf", "kmeans", "store_write", "store_load")
 
 
 class Users:
@@ -47,8 +49,8 @@ class Users:
 
 
 def phase(name, n, folder):
-    """Run one phase on ``n`` synthetic users; -> (seconds of its work, resident MB before it): the
-    data is made and the plugin's modules imported before the clock starts."""
+    """Run one phase on ``n`` synthetic users; -> (seconds of its work, resident MB before it, other
+    figures): the data is made and the plugin's modules imported before the clock starts."""
     import numpy as np
 
     from recbole_llmk.knowledge.clustering import KMeansClusterer
@@ -57,7 +59,7 @@ def phase(name, n, folder):
 
     rng = np.random.default_rng(0)
     path = os.path.join(folder, "store")
-    if name in ("seed_sampling", "retrieval", "kmeans"):
+    if name in ("seed_sampling", "retrieval", "retrieval_ivf", "kmeans"):
         vectors = rng.standard_normal((n, 64), dtype=np.float32)
         counts = rng.integers(1, 300, n)
         seeds = vectors[rng.choice(n, max(1, n // 10), replace=False)]
@@ -72,21 +74,27 @@ def phase(name, n, folder):
         SeedSampler(max(1, n // 10), n_clusters=10, seed=0).sample(vectors, counts)
     elif name == "retrieval":
         nearest_seeds(vectors, seeds)
+    elif name == "retrieval_ivf":
+        found, _ = nearest_seeds(vectors, seeds, "ivf", nprobe=32)
+        seconds = time.perf_counter() - began
+        sample = rng.choice(n, min(n, 10_000), replace=False)
+        exact, _ = nearest_seeds(vectors[sample], seeds)
+        return seconds, before, {"recall_at_1": float((found[sample] == exact).mean())}
     elif name == "kmeans":
         KMeansClusterer(max_cluster_size=100, seed=0).fit(vectors)
     elif name == "store_write":
         KnowledgeStore.write(path, {"technique": "scale"}, {"user": ([str(i) for i in range(n)], knowledge, texts)})
     else:
         KnowledgeStore.open(path).aligned("user", Users(n), "user_id")
-    return time.perf_counter() - began, before
+    return time.perf_counter() - began, before, {}
 
 
 def run_one(name, n, folder, timeout):
     """``{seconds, peak_mb}`` of one phase in a fresh process, or ``{timed_out: True}``."""
     code = (f"import sys, json, resource; sys.path[:0] = [{HERE!r}, {ROOT!r}]; from scale import phase; "
-            f"s, before = phase({name!r}, {n}, {folder!r}); "
+            f"s, before, extra = phase({name!r}, {n}, {folder!r}); "
             "print(json.dumps({'seconds': s, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
-            "'peak_mb_before': before}))")
+            "'peak_mb_before': before, **extra}))")
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
@@ -100,6 +108,8 @@ def run_one(name, n, folder, timeout):
 def exponents(rows, sizes):
     import math
 
+    for r in rows:
+        r.pop("exponent", None)
     for name in {r["phase"] for r in rows}:
         cells = {r["users"]: r for r in rows if r["phase"] == name and "seconds" in r}
         for small, big in zip(sizes, sizes[1:]):
@@ -123,13 +133,23 @@ def main():
     sys.path.insert(0, HERE)
     from run_suite import code_version
 
-    rows = []
+    path = os.path.join(args.out, "scale.json")
+    code = code_version()
+    ran = []
     for n in sizes:
         with tempfile.TemporaryDirectory() as folder:
             for name in phases:
-                row = dict(phase=name, users=n, **run_one(name, n, folder, args.timeout))
-                rows.append(row)
+                row = dict(phase=name, users=n, **run_one(name, n, folder, args.timeout), commit=code["commit"],
+                           code_changed=code["code_changed"], load_average_1min=os.getloadavg()[0])
+                ran.append(row)
                 print(json.dumps(row), flush=True)
+    # rows of earlier runs for other phases or sizes stay (each row names its commit and load)
+    old = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {"rows": []}
+    earlier = [dict({"commit": old.get("commit"), "code_changed": old.get("code_changed"),
+                     "load_average_1min": old.get("load_average_1min")}, **r) for r in old["rows"]]
+    rows = [r for r in earlier if (r["phase"], r["users"]) not in {(x["phase"], x["users"]) for x in ran}] + ran
+    rows.sort(key=lambda r: (r["users"], PHASES.index(r["phase"])))
+    sizes = sorted({r["users"] for r in rows})
     exponents(rows, sizes)
     import faiss
     import numpy
@@ -137,23 +157,24 @@ def main():
 
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    report = {"rows": rows, **code_version(), "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "cpu": cpu,
+    report = {"rows": rows, "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "cpu": cpu,
               "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
               "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
                            "faiss": faiss.__version__, "torch": torch.__version__},
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scale.json"), "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     print("\n| phase | users | seconds | peak MB (before the phase) | growth exponent |\n|---|---|---|---|---|")
     for r in rows:
         seconds = f"{r['seconds']:.2f}" if "seconds" in r else ("> %d (stopped)" % r["timeout_s"] if r.get("timed_out")
                                                                  else f"failed: {r.get('failed')}")
-        print(f"| {r['phase']} | {r['users']:,} | {seconds} | {r.get('peak_mb', float('nan')):.0f} "
+        recall = f" (recall {r['recall_at_1']:.3f})" if "recall_at_1" in r else ""
+        print(f"| {r['phase']}{recall} | {r['users']:,} | {seconds} | {r.get('peak_mb', float('nan')):.0f} "
               f"({r.get('peak_mb_before', float('nan')):.0f}) | "
               f"{r.get('exponent', '')} |")
-    print(f"\ncommit {report['commit'][:7]}{' (code changed)' if report['code_changed'] else ''}, threads "
-          f"{report['threads']}, {cpu}, {report['cores']} cores, load {report['load_average_1min']:.1f}")
+    print(f"\ncommits {', '.join(sorted({r['commit'][:7] for r in rows}))}, threads {report['threads']}, {cpu}, "
+          f"{report['cores']} cores; load averages per row in {path}")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,20 @@ def test_retrieval_returns_the_nearest_seed_by_cosine():
     assert similarity[0] == pytest.approx(1.0) and similarity[2] == pytest.approx(9 / np.sqrt(82), rel=1e-5)
 
 
+def test_ivf_retrieval_is_exact_when_it_searches_every_cell_and_close_when_it_does_not():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3000, 16)).astype(np.float32)
+    seeds = vectors[rng.choice(3000, 400, replace=False)]
+    exact, exact_similarity = nearest_seeds(vectors, seeds)
+    every_cell, _ = nearest_seeds(vectors, seeds, "ivf", nprobe=10 ** 6)
+    assert np.array_equal(every_cell, exact)
+    some_cells, similarity = nearest_seeds(vectors, seeds, "ivf", nprobe=8)
+    assert (some_cells >= 0).all() and (similarity <= exact_similarity + 1e-5).all()
+    assert 0.6 < (some_cells == exact).mean() < 1.0  # approximate: 8 of 80 cells, random 16-d points
+    with pytest.raises(ValueError, match="reland_retrieval must be one of"):
+        nearest_seeds(vectors, seeds, "hnsw")
+
+
 # --- rationales ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("answer", [
     "Step 1: Loves dramas.\nStep 2: More dramas, e.g. Title3.",

@@ -210,19 +210,45 @@ def pool_size(config, n_users):
 
 
 # --- retrieval ------------------------------------------------------------------------------------
-def nearest_seeds(vectors, seed_vectors):
+RETRIEVALS = ("exact", "ivf")
+
+
+def nearest_seeds(vectors, seed_vectors, retrieval="exact", nprobe=32):
     """For every row of ``vectors``: (row of ``seed_vectors`` with the highest cosine similarity,
-    that similarity). faiss inner product over L2-normalised vectors."""
+    that similarity), by faiss inner product over L2-normalised vectors.
+
+    ``retrieval``: ``exact`` (a flat index: every seed compared, cost users x seeds) or ``ivf``
+    (an inverted-file index over ``4 sqrt(seeds)`` k-means cells of the seeds, ``nprobe`` of them
+    searched per user: approximate, for pools too large to compare with every user;
+    ``benchmarks/scale.py`` measures its recall against exact)."""
     import faiss
+
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"reland_retrieval must be one of {RETRIEVALS}, got '{retrieval}'")
 
     def unit(x):
         x = np.ascontiguousarray(x, dtype=np.float32).copy()
         faiss.normalize_L2(x)
         return x
 
-    index = faiss.IndexFlatIP(np.shape(seed_vectors)[1])
-    index.add(unit(seed_vectors))
-    similarity, position = index.search(unit(vectors), 1)
+    seeds = unit(seed_vectors)
+    dim = seeds.shape[1]
+    if retrieval == "exact":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        cells = max(1, min(int(4 * math.sqrt(len(seeds))), len(seeds)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.min_points_per_centroid = 1  # small pools: train on what there is, quietly
+        index.train(seeds)
+        index.nprobe = min(int(nprobe), cells)
+    index.add(seeds)
+    queries = unit(vectors)
+    similarity, position = index.search(queries, 1)
+    missed = position.ravel() < 0  # ivf: every cell searched for this user was empty
+    if missed.any():
+        exact = faiss.IndexFlatIP(dim)
+        exact.add(seeds)
+        similarity[missed], position[missed] = exact.search(queries[missed], 1)
     return position.ravel(), similarity.ravel()
 
 
@@ -320,6 +346,8 @@ def reland_requests(config, dataset):
         "reland_seed_ratio", "reland_seed_count", "reland_n_clusters", "reland_sampling", "reland_round_size",
         "reland_seed", "reland_behaviour_model", "reland_behaviour_epochs", "reland_behaviour_config",
         "reland_pool_source")} | {"seed": config["seed"]})
+    if setting(config, "reland_retrieval") != "exact":  # only then: the stores built before keep their names
+        settings["retrieval"] = [config["reland_retrieval"], setting(config, "reland_ivf_nprobe")]
     if source == "released":
         from recbole_llmk.techniques.reki import load_release, release_settings
 
@@ -383,7 +411,8 @@ def reland_plan(config, dataset, frame, prompts, source="sampled"):
         pool = released_pool(config, dataset, frame, prompts, users, M)
     else:
         pool = sampled_pool(config, frame, prompts, users, M, active[users].to_numpy())
-    position, similarity = nearest_seeds(M, pool["vectors"])
+    position, similarity = nearest_seeds(M, pool["vectors"], setting(config, "reland_retrieval"),
+                                         setting(config, "reland_ivf_nprobe"))
     layout, texts = item_layout(dataset, prompts)
     layout["user"] = {u: f"seed:{pool['seeds'][p]}" for u, p in zip(users, position)}
     pool.update(users=users, position=position, similarity=similarity)
