@@ -249,7 +249,8 @@ def test_default_fusions_start_as_the_stock_model(reland_config, base):
 
 
 def test_a_fusion_or_control_outside_its_choices_is_refused_before_any_knowledge(reland_config, workdir):
-    for setting in ("reland_user_fusion", "reland_item_fusion", "knowledge_control"):
+    for setting in ("reland_user_fusion", "reland_item_fusion", "knowledge_control", "reland_retrieval",
+                    "distributed_backend"):
         with pytest.raises(ValueError, match=f"{setting}: 'sum' is not one of"):
             prepare("BPR_ReLand", "tiny", config_dict=dict(reland_config, **{setting: "sum"}))
 
