@@ -13,6 +13,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_llmk.compat import make_run_folders, set_process_modes
 from recbole_llmk.config import LLMKConfig
+from recbole_llmk.defaults import setting
 from recbole_llmk.distributed import finish, is_distributed, replicas_in_sync
 from recbole_llmk.logs import protect_logs
 from recbole_llmk.utils import create_dataset, data_preparation, get_trainer
@@ -62,7 +63,8 @@ def batch_files(config, train_data, run):
         raise ValueError(f"--run={run} needs a knowledge-augmented model and --batch_file=<path>")
     requests = [r for rs in requests_of(config, train_data).values() for r in rs]
     if run == "export_batch":
-        return {"exported": export_batch(config, cache_dir(config), requests, config["batch_file"])}
+        return {"exported": export_batch(config, cache_dir(config), requests, config["batch_file"],
+                                         setting(config, "batch_shards"))}
     return import_batch(config, cache_dir(config), requests, config["batch_file"])
 
 

@@ -555,6 +555,38 @@ def test_batch_export_then_import_then_generate_sends_only_what_failed(server, t
     assert export_batch(config, str(tmp_path / "cache"), requests, str(batch)) == 0
 
 
+def batch_results(input_path):
+    """What a batch worker returns for an input file: every prompt answered."""
+    lines = [json.loads(line) for line in input_path.read_text().splitlines()]
+    return [{"custom_id": line["custom_id"], "error": None,
+             "response": {"status_code": 200, "request_id": "r", "body": completion_body(
+                 line["body"]["model"], answer_for(line["body"]["messages"][-1]["content"]),
+                 line["body"]["messages"][-1]["content"], number)}} for number, line in enumerate(lines)]
+
+
+def test_batch_shards_go_to_several_workers_and_come_back_in_any_order(server, tmp_path):
+    requests = make_requests(11)
+    config, cache = openai_config(server), str(tmp_path / "cache")
+    batch = tmp_path / "batch" / "input.jsonl"
+    assert export_batch(config, cache, requests, str(batch), shards=4) == 11
+    shards = sorted((tmp_path / "batch").glob("input-*-of-00004.jsonl"))
+    sizes = [len(path.read_text().splitlines()) for path in shards]
+    assert len(shards) == 4 and sorted(sizes) == [2, 3, 3, 3] and not batch.exists()
+    ids = [json.loads(line)["custom_id"] for path in shards for line in path.read_text().splitlines()]
+    assert len(set(ids)) == 11  # each prompt in exactly one shard
+
+    # three workers finish, in reverse order, one of them twice; the fourth is still running
+    for number, path in enumerate(reversed(shards[1:])):
+        out = tmp_path / "batch" / f"results-{number}.jsonl"
+        out.write_text("\n".join(json.dumps(r) for r in batch_results(path)) + "\n")
+    (tmp_path / "batch" / "results-again.jsonl").write_text((tmp_path / "batch" / "results-0.jsonl").read_text())
+    counts = import_batch(config, cache, requests, str(tmp_path / "batch" / "results-*.jsonl"))
+    assert counts["imported"] == 11 - sizes[0] and counts["already_cached"] == sizes[3] and counts["failed"] == 0
+    assert export_batch(config, cache, requests, str(batch), shards=4) == sizes[0]  # only the missing shard's
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        import_batch(config, cache, requests, str(tmp_path / "batch" / "nothing-*.jsonl"))
+
+
 # --- none and hf --------------------------------------------------------------------------------
 
 
