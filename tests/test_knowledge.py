@@ -444,3 +444,18 @@ def test_a_store_is_read_memory_mapped_into_the_same_table(tiny_config, workdir,
     expected[0] = 0
     expected[[dataset.field2token_id[field][t] for t in np.array(tokens)[known]]] = vectors[known]
     assert np.array_equal(table, expected)
+
+
+def test_stores_are_listed_so_a_person_can_tell_them_apart(tiny_config, workdir, capsys):
+    from recbole_llmk.knowledge.store import main
+
+    for seed in (2020, 7):
+        config, _, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, seed=seed))
+        build_knowledge(config, train_data)
+    rows = main([str(workdir / "knowledge")])
+    assert len(rows) == 2 and {r["technique"] for r in rows} == {"REKI"} and rows[0]["split"] != rows[1]["split"]
+    assert all(r["store"].startswith("tiny/REKI-none-") and r["kinds"] == "item,user" for r in rows)
+    assert "| store | technique | knowledge |" in capsys.readouterr().out
+    beside = os.listdir(workdir / "knowledge" / "tiny")
+    assert not [name for name in beside if name.endswith(".lock")]  # lock files kept in .locks/
+    assert os.listdir(workdir / "knowledge" / "tiny" / ".locks")

@@ -5,6 +5,8 @@ plain description) and the settings that identify them; this module generates th
 through the configured backend (cached, resumable), encodes them, and writes the store.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import logging
@@ -12,11 +14,13 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
 from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.encoder import TextEncoder
+from recbole_llmk.knowledge.generation import Request
 from recbole_llmk.knowledge.store import KnowledgeStore
 
 
@@ -83,13 +87,13 @@ class KnowledgePlan:
     are written into the store folder for people to read. ``vectors``: ``{kind: (tokens, vectors)}``
     computed elsewhere (e.g. LEARN's towers), stored as they are, with no text."""
 
-    requests: list
-    layout: dict
-    texts: dict = field(default_factory=dict)
-    sides: dict = None
-    backend: dict = None
-    postprocess: object = None
-    vectors: dict = None
+    requests: list[Request]
+    layout: dict[str, dict[str, str]]
+    texts: dict[str, str] = field(default_factory=dict)
+    sides: Optional[dict[str, list[str]]] = None
+    backend: Optional[dict] = None
+    postprocess: Optional[Callable[[dict[str, str]], tuple[dict[str, str], dict]]] = None
+    vectors: Optional[dict[str, tuple[list[str], np.ndarray]]] = None
 
     @classmethod
     def individual(cls, requests):
@@ -98,7 +102,7 @@ class KnowledgePlan:
         return cls([r for rs in requests.values() for r in rs], layout)
 
 
-def ensure_store(config, settings, make_plan):
+def ensure_store(config, settings: dict, make_plan: Callable[[], KnowledgePlan]) -> KnowledgeStore:
     """Open the store for ``settings``, building it first when missing (or when asked to).
 
     ``make_plan()`` -> a :class:`KnowledgePlan`; it is only called when the store is built."""
@@ -115,8 +119,11 @@ def ensure_store(config, settings, make_plan):
 
 
 def store_lock(path):
-    """An exclusive lock on ``<path>.lock`` for as long as the block runs: one build per store."""
-    return file_lock(path.rstrip("/") + ".lock")
+    """An exclusive lock on ``.locks/<name>.lock`` beside ``path`` for as long as the block runs:
+    one build per store. (Lock files stay: removing one another process may be waiting on would
+    let two builds run. They are empty and kept out of sight of the store listing.)"""
+    folder, name = os.path.split(path.rstrip("/"))
+    return file_lock(os.path.join(folder, ".locks", name + ".lock"))
 
 
 @contextmanager
@@ -151,7 +158,7 @@ def encode_texts(config, encoder, texts):
     return vectors, reused
 
 
-def build_store(config, settings, plan, path):
+def build_store(config, settings: dict, plan: KnowledgePlan, path: str) -> KnowledgeStore:
     from recbole_llmk.knowledge.generation import make_backend
 
     logger = logging.getLogger()

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 
+from typing import Optional
+
 import numpy as np
 
 from recbole_llmk.defaults import setting
@@ -33,12 +35,12 @@ class KnowledgeStoreError(ValueError):
 class KnowledgeStore:
     META = "meta.json"
 
-    def __init__(self, path, meta):
+    def __init__(self, path: str, meta: dict):
         self.path = path
         self.meta = meta
 
     @classmethod
-    def write(cls, path, meta, entries, files=None):
+    def write(cls, path: str, meta: dict, entries: dict, files: Optional[dict] = None) -> "KnowledgeStore":
         """``entries``: kind -> (tokens, vectors, texts); ``files``: extra things to keep with the
         store, ``{name: text}``, or ``{name: writer}`` where ``writer(path)`` saves a folder (e.g.
         a clusterer's ``save``). Written to a temp name, then renamed, so an interrupted build
@@ -61,7 +63,7 @@ class KnowledgeStore:
         return cls(path, meta)
 
     @classmethod
-    def open(cls, path):
+    def open(cls, path: str) -> "KnowledgeStore":
         meta_file = os.path.join(path or "", cls.META)
         if not path or not os.path.isfile(meta_file):
             raise KnowledgeStoreError(f"no knowledge store at '{path}' ({cls.META} missing). Build it with "
@@ -85,12 +87,12 @@ class KnowledgeStore:
                     "(or set knowledge_rebuild=True) to rebuild it for this run."
                 )
 
-    def vectors(self, kind):
+    def vectors(self, kind: str) -> "tuple[list[str], np.ndarray]":
         """``(tokens, [len(tokens), dim] float32)``, one row per token."""
         tokens, rows, distinct = self._rows(kind)
         return tokens, distinct[rows]
 
-    def texts(self, kind):
+    def texts(self, kind: str) -> "dict[str, str]":
         """``{token: text}``."""
         records = _read(self.path, f"{kind}.texts.jsonl", _json_lines)
         return {token: r["text"] for r in records for token in r.get("tokens", [r.get("token")])}
@@ -112,7 +114,7 @@ class KnowledgeStore:
                                                           f"and {len(distinct)} vectors")
         return tokens, rows, distinct
 
-    def aligned(self, kind, dataset, field, default="mean"):
+    def aligned(self, kind: str, dataset, field: str, default: str = "mean") -> np.ndarray:
         """``[dataset.num(field), dim]`` float32 matrix indexed by RecBole's internal id.
 
         Ids without knowledge (cold users/items, never the padding id 0) get a default vector:
@@ -151,6 +153,43 @@ def mean_of_rows(distinct, rows):
     for start in range(0, len(rows), CHUNK_ROWS):
         total = np.add.reduce(np.concatenate([total[None], distinct[rows[start:start + CHUNK_ROWS]]]), axis=0)
     return total / np.float32(len(rows))
+
+
+def stores_in(folder):
+    """Every store under ``folder`` (a ``knowledge_dir``, or one dataset's folder in it), as rows a
+    person can tell apart: folder, technique, backend and model, encoder, split, kinds, created, MB."""
+    rows = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("llm_cache", "encodings"))
+        if KnowledgeStore.META not in files:
+            continue
+        dirs[:] = []  # a store's subfolders (a clusterer's state) are not stores
+        meta = KnowledgeStore.open(root).meta
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(root) for f in fs)
+        model = meta.get("llm_model") or ""
+        rows.append({"store": os.path.relpath(root, folder), "technique": meta.get("technique"),
+                     "knowledge": f"{meta.get('llm_backend')}{' ' + os.path.basename(str(model)) if model else ''}",
+                     "dataset": meta.get("dataset"), "encoder": os.path.basename(str(meta.get("encoder"))),
+                     "split": str(meta.get("split"))[:8], "kinds": ",".join(meta.get("kinds", [])),
+                     "created": meta.get("created"), "MB": round(size / 2 ** 20, 1)})
+    return rows
+
+
+def main(argv=None):
+    """``python -m recbole_llmk.knowledge.store [knowledge_dir]``: list the stores there."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="List the knowledge stores under a folder.")
+    parser.add_argument("folder", nargs="?", default=os.path.join("saved", "knowledge"))
+    rows = stores_in(parser.parse_args(argv).folder)
+    if not rows:
+        print("no knowledge stores there")
+        return rows
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    return rows
 
 
 def run_table(store, config, dataset, kind, side):
@@ -234,3 +273,7 @@ def pca_reduce(tables, dim):
         reduced.append(out.astype(np.float32))
     logging.getLogger().info(f"knowledge vectors reduced by PCA from {stacked.shape[1]} to {dim} dimensions")
     return reduced
+
+
+if __name__ == "__main__":
+    main()

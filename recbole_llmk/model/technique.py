@@ -15,19 +15,36 @@ model is built. A model family that needs something of the base model (ID tables
 adds ``check_fits``, which runs first, before any knowledge is built.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
 from recbole_llmk.knowledge.history import training_dataset
+
+if TYPE_CHECKING:
+    from recbole.config import Config
+    from recbole.data.dataloader import AbstractDataLoader
+    from recbole.data.dataset import Dataset
+
+    from recbole_llmk.knowledge.generation import Request
+    from recbole_llmk.knowledge.pipeline import KnowledgePlan
+    from recbole_llmk.knowledge.store import KnowledgeStore
+
+# What ``knowledge_plan`` returns: the store's settings (what it must match to be reused) and a
+# function that makes the plan, called only when the store is built; or None (no knowledge).
+Planned = Optional["tuple[dict, Callable[[], KnowledgePlan]]"]
 
 
 class KnowledgeTechnique:
-    technique = None
-    store_technique = None
+    technique: Optional[str] = None
+    store_technique: Optional[str] = None
 
     @classmethod
-    def knowledge_plan(cls, config, dataset):
+    def knowledge_plan(cls, config: Config, dataset: Dataset) -> Planned:
         raise NotImplementedError(f"{cls.__name__} implements no knowledge_plan")
 
     @classmethod
-    def prepare_knowledge(cls, config, train_data):
+    def prepare_knowledge(cls, config: Config, train_data: AbstractDataLoader) -> Optional[KnowledgeStore]:
         """Build (or reuse) the run's store; its path becomes ``config["knowledge_store"]``."""
         from recbole_llmk.knowledge.pipeline import ensure_store
 
@@ -41,7 +58,7 @@ class KnowledgeTechnique:
         return store
 
     @classmethod
-    def knowledge_requests(cls, config, train_data):
+    def knowledge_requests(cls, config: Config, train_data: AbstractDataLoader) -> dict[str, list[Request]]:
         """``{"all": [Request]}`` the run's knowledge needs (for batch export and import)."""
         planned = cls.knowledge_plan(config, training_dataset(train_data))
         return {"all": planned[1]().requests if planned else []}
