@@ -34,7 +34,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-import run_suite  # noqa: E402  (the harness whose suites, cells and files this moves)
+import run_suite  # noqa: E402
+from harness import schema  # noqa: E402  (the harness whose suites, cells and files this moves)
 
 KIT = os.path.join(ROOT, ".device_kit")
 # scipy travels in a kit of its own: the image's scipy needs numpy 2 (RecBole's models import
@@ -53,7 +54,7 @@ PAYLOAD, PAYLOAD_FOLDERS = "payload.tgz", ("repo", "shared")
 
 
 def suite_of(path):
-    suite = run_suite.load_suite(path)
+    suite = schema.load_suite(path)
     suite["path"] = path
     return suite
 
@@ -125,8 +126,8 @@ def pack(args):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
     folder = os.path.join(args.results, suite["name"])
-    for label, seed in run_suite.selected_cells(suite, args.only, args.seeds):
-        built = run_suite.cell_file(folder, label, seed, "stores")
+    for label, seed in schema.selected_cells(suite, args.only, args.seeds):
+        built = schema.cell_file(folder, label, seed, "stores")
         if not os.path.isfile(built):
             continue  # finished earlier: nothing to run there
         with open(built) as f:

@@ -131,7 +131,7 @@ def main():
     if unknown:
         raise SystemExit(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
     sys.path.insert(0, HERE)
-    from run_suite import code_version
+    from harness.cells import code_version
 
     path = os.path.join(args.out, "scale.json")
     code = code_version()

@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from run_suite import code_version, inference_ms, provenance, stock_of  # noqa: E402
+from harness.cells import code_version, inference_ms, provenance  # noqa: E402
+from harness.schema import stock_of  # noqa: E402
 
 
 def setting(text):

@@ -15,6 +15,7 @@ from scipy import stats
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import run_suite  # noqa: E402
+from harness import plots, reports, schema, staleness, statistics  # noqa: E402
 
 
 def test_suite_runs_reports_and_resumes(tiny_config, workdir):
@@ -114,7 +115,7 @@ def test_a_cell_whose_settings_the_suite_changed_is_set_aside_and_run_again(tiny
     # where files go, and what only a technique reads, leave a stock model's run as it was
     same = run(checkpoint_dir=str(workdir / "elsewhere"), reki_release_path="x", reland_seed_ratio=0.5)
     assert "done earlier, skipped" in same.stdout, same.stdout
-    assert run_suite.run_differences("DeepFM_REKI", cell["settings"], {**cell["settings"], "reki_release_path": "x"}) == ["reki_release_path"]
+    assert staleness.run_differences("DeepFM_REKI", cell["settings"], {**cell["settings"], "reki_release_path": "x"}) == ["reki_release_path"]
 
     summary = run("--summary-only", learning_rate=0.01)
     assert summary.returncode != 0 and "no finished cells" in summary.stderr and "1 ran under other settings" in summary.stderr
@@ -125,8 +126,8 @@ def test_a_cell_whose_settings_the_suite_changed_is_set_aside_and_run_again(tiny
     assert json.loads((folder / "stale" / old).read_text()) == cell  # kept, out of the summary
     assert json.loads((folder / "cells" / "DeepFM-1.json").read_text())["settings"]["learning_rate"] == 0.01
 
-    stale = {"DeepFM-1": run_suite.run_differences("DeepFM", {**cell["settings"], "epochs": 2}, cell["settings"])}
-    report = run_suite.write_reports(run_suite.load_suite(str(path)), [], str(folder), 1.0, 1, 0, [], stale)
+    stale = {"DeepFM-1": staleness.run_differences("DeepFM", {**cell["settings"], "epochs": 2}, cell["settings"])}
+    report = reports.write_reports(schema.load_suite(str(path)), [], str(folder), 1.0, 1, 0, [], stale)
     assert "left out: 1 cell run under settings the suite has changed since (DeepFM-1: epochs; rerun them)" in report
 
 
@@ -169,11 +170,11 @@ def test_cost_quality_plot_needs_two_knowledge_entries(tmp_path):
     rows = [{"model": "DeepFM", "auc_mean": 0.78, "auc_std": 0.01},
             {"model": "individual", "auc_mean": 0.79, "auc_std": 0.01, "llm_prompts": 2625.0},
             {"model": "collective", "auc_mean": 0.785, "auc_std": 0.02, "llm_prompts": 45.0}]
-    assert run_suite.plot_cost(rows[:2], "auc", str(tmp_path / "one.png")) is None
-    path = run_suite.plot_cost(rows, "auc", str(tmp_path / "cost.png"))
+    assert plots.plot_cost(rows[:2], "auc", str(tmp_path / "one.png")) is None
+    path = plots.plot_cost(rows, "auc", str(tmp_path / "cost.png"))
     assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
     del rows[2]["auc_std"]  # an entry run on one seed has no spread
-    path = run_suite.plot_cost(rows, "auc", str(tmp_path / "one-seed.png"))
+    path = plots.plot_cost(rows, "auc", str(tmp_path / "one-seed.png"))
     assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -183,25 +184,25 @@ def test_paired_t_test_pairs_by_seed_and_matches_scipy():
     cells = [{"model": "DIN", "seed": s, "test": {"auc": v}} for s, v in stock.items()]
     cells += [{"model": "DIN_REKI", "seed": s, "test": {"auc": v}} for s, v in variant.items()]
     suite = {"models": ["DIN", "DIN_REKI"], "seeds": [1, 2, 3, 4]}
-    row = {r["model"]: r for r in run_suite.summarize(suite, cells)}["DIN_REKI"]
+    row = {r["model"]: r for r in statistics.summarize(suite, cells)}["DIN_REKI"]
     seeds = sorted(stock)
     expected = stats.ttest_rel([variant[s] for s in seeds], [stock[s] for s in seeds]).pvalue
     assert row["auc_p"] == pytest.approx(expected, rel=1e-12)
     # by hand: differences 0.02, 0.03, 0.03, 0.01 -> mean 0.0225, sd 0.009574, t = 4.7001 on 3 df
     assert row["auc_p"] == pytest.approx(0.018220, abs=5e-6)
     assert row["auc_rel"] == pytest.approx((0.7275 - 0.705) / 0.705)
-    assert run_suite.relative_changes(cells, suite, "auc")["DIN_REKI"][0] == pytest.approx((0.72 - 0.70) / 0.70)
+    assert statistics.relative_changes(cells, suite, "auc")["DIN_REKI"][0] == pytest.approx((0.72 - 0.70) / 0.70)
 
 
 def test_sweep_entries_are_labelled_and_paired_with_their_stock_model():
     suite = {"models": ["DeepFM", {"label": "DeepFM_REKI-pca64", "model": "DeepFM_REKI",
                                    "config": {"knowledge_pca_dim": 64}}], "seeds": [1, 2], "config": {}, "model_config": {}}
-    entry = run_suite.entries(suite)[1]
+    entry = schema.entries(suite)[1]
     assert entry["stock"] == "DeepFM"
-    assert run_suite.cell_config(suite, entry, 1)["knowledge_pca_dim"] == 64
+    assert schema.cell_config(suite, entry, 1)["knowledge_pca_dim"] == 64
     cells = [{"model": "DeepFM", "seed": s, "test": {"auc": 0.70 + s / 100}} for s in (1, 2)]
     cells += [{"model": "DeepFM_REKI-pca64", "seed": s, "test": {"auc": v}} for s, v in ((1, 0.725), (2, 0.738))]
-    rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
+    rows = {r["model"]: r for r in statistics.summarize(suite, cells)}
     assert rows["DeepFM_REKI-pca64"]["auc_rel"] == pytest.approx((0.7315 - 0.715) / 0.715)
 
 
@@ -211,12 +212,12 @@ def test_a_variant_is_also_compared_with_the_entry_it_names(tmp_path):
         {"label": "gpt", "model": "DeepFM_REKI", "versus": "none"}]}
     values = {"DeepFM": (0.70, 0.71, 0.72), "none": (0.72, 0.72, 0.74), "gpt": (0.73, 0.75, 0.74)}
     cells = [{"model": m, "seed": s, "test": {"auc": v}} for m, vs in values.items() for s, v in zip((1, 2, 3), vs)]
-    rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
+    rows = {r["model"]: r for r in statistics.summarize(suite, cells)}
     assert "versus" not in rows["none"] and rows["gpt"]["versus"] == "none"
     assert rows["gpt"]["auc_versus_rel"] == pytest.approx((0.74 - 0.7266667) / 0.7266667, rel=1e-5)
     assert rows["gpt"]["auc_versus_p"] == pytest.approx(stats.ttest_rel([0.73, 0.75, 0.74], [0.72, 0.72, 0.74]).pvalue)
     assert rows["gpt"]["auc_rel"] == pytest.approx((0.74 - 0.71) / 0.71)  # still against stock DeepFM
-    report = run_suite.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 9, cells)
+    report = reports.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 9, cells)
     # the 95 % interval of the paired difference: differences 0.01, 0.03, 0.00 (mean 0.01333), t(0.975, 2)
     diff = np.array([0.01, 0.03, 0.0])
     half = stats.t.ppf(0.975, 2) * diff.std(ddof=1) / np.sqrt(3)
@@ -227,20 +228,20 @@ def test_a_variant_is_also_compared_with_the_entry_it_names(tmp_path):
     suite["models"][2]["versus"] = "non"
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(suite))
     with pytest.raises(ValueError, match="typo.yaml.*'gpt'.*'non'"):
-        run_suite.load_suite(str(tmp_path / "typo.yaml"))
+        schema.load_suite(str(tmp_path / "typo.yaml"))
 
 
 def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     suite = {"name": "s", "dataset": "d", "seeds": [1], "models": ["DIN", "DIN_REKI"]}
     cells = [{"model": "DIN", "seed": 1, "test": {"auc": 0.80}}, {"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}}]
-    rows = run_suite.summarize(suite, cells)
+    rows = statistics.summarize(suite, cells)
     assert all("auc_std" not in r for r in rows)  # a std of one value is not a spread of 0
-    report = run_suite.write_reports(suite, rows, str(tmp_path), 1.0, 1, 2, cells)
+    report = reports.write_reports(suite, rows, str(tmp_path), 1.0, 1, 2, cells)
     assert "| DIN_REKI | 1 | 0.8200 | +2.50% (1 shared seed: no test) |" in report
     assert "nan" not in report and "±" not in report.split("\n\n")[0]
-    path = run_suite.plot_uplift(cells, suite, "auc", str(tmp_path / "uplift.png"))
+    path = plots.plot_uplift(cells, suite, "auc", str(tmp_path / "uplift.png"))
     assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"  # a one-seed bar has no spread to draw
-    assert run_suite.summarize(suite, cells)[1]["auc_p"] is None  # and summary.csv leaves its p empty
+    assert statistics.summarize(suite, cells)[1]["auc_p"] is None  # and summary.csv leaves its p empty
 
 
 def test_a_row_whose_cells_ran_on_cpu_and_gpu_reports_no_times(tmp_path):
@@ -251,19 +252,19 @@ def test_a_row_whose_cells_ran_on_cpu_and_gpu_reports_no_times(tmp_path):
     cells += [{"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}, **cpu},
               {"model": "DIN_REKI", "seed": 2, "test": {"auc": 0.835}, **gpu, "device": "cuda"},
               {"model": "DIN_REKI", "seed": 3, "test": {"auc": 0.84}, **gpu}]  # before the device was recorded
-    rows = {r["model"]: r for r in run_suite.summarize(suite, cells)}
+    rows = {r["model"]: r for r in statistics.summarize(suite, cells)}
     assert rows["DIN"]["ran_on"] == "CPU 3" and rows["DIN"]["train_epoch_seconds"] == 120.0
     assert rows["DIN_REKI"]["ran_on"] == "CPU 1, GPU 2"
     assert "train_epoch_seconds" not in rows["DIN_REKI"] and "infer_batch_ms" not in rows["DIN_REKI"]
     assert rows["DIN_REKI"]["epochs_run"] == pytest.approx(100 / 3) and "auc_p" in rows["DIN_REKI"]
-    report = run_suite.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 6, cells)
+    report = reports.write_reports(suite, list(rows.values()), str(tmp_path), 1.0, 1, 6, cells)
     assert report.split("\n")[3].endswith("|  |  |  |  |  |  |  |  | 33.3 | CPU 1, GPU 2 |")
 
 
 def test_suite_paths_may_start_at_the_repository():
     suite = {"models": ["DeepFM"], "seeds": [1], "config": {"reki_release_path": "{repo}/../shared/x", "n": 3},
              "model_config": {}}
-    config = run_suite.cell_config(suite, run_suite.entries(suite)[0], 1)
+    config = schema.cell_config(suite, schema.entries(suite)[0], 1)
     assert config["reki_release_path"] == f"{ROOT}/../shared/x"
     assert config["n"] == 3 and config["seed"] == 1
 
@@ -273,13 +274,13 @@ def test_the_packaged_smollm2_is_a_placeholder_its_settings_keep():
 
     suite = {"models": [{"label": "x", "model": "DeepFM_REKI", "config": {"llm_model": "{smollm2}"}}], "seeds": [1],
              "config": {"oops": "{nope}"}, "model_config": {}}
-    entry = run_suite.entries(suite)[0]
-    assert run_suite.cell_settings(suite, entry, 1)["llm_model"] == "{smollm2}"  # the same on every machine
+    entry = schema.entries(suite)[0]
+    assert schema.cell_settings(suite, entry, 1)["llm_model"] == "{smollm2}"  # the same on every machine
     with pytest.raises(KeyError, match="unknown placeholder {nope}"):
-        run_suite.cell_config(suite, entry, 1)
+        schema.cell_config(suite, entry, 1)
     del suite["config"]["oops"]
     if packaged_gguf():
-        assert run_suite.cell_config(suite, entry, 1)["llm_model"] == packaged_gguf()
+        assert schema.cell_config(suite, entry, 1)["llm_model"] == packaged_gguf()
 
 
 def test_setup_commands_run_in_the_repository_before_the_cells(tmp_path):
@@ -322,23 +323,23 @@ def test_random_encoder_has_the_asked_width_and_tells_texts_apart(tmp_path):
 
 def test_an_entry_or_the_command_line_may_run_fewer_seeds():
     suite = {"models": ["DeepFM", {"label": "wide", "model": "DeepFM_REKI", "seeds": [2]}], "seeds": [1, 2, 3]}
-    assert run_suite.cells_of(suite, ["DeepFM", "wide"]) == [("DeepFM", 1), ("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
+    assert schema.cells_of(suite, ["DeepFM", "wide"]) == [("DeepFM", 1), ("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
     with pytest.raises(SystemExit, match="DIN"):
-        run_suite.cells_of(suite, ["DIN"])
-    assert run_suite.cells_of(suite, ["DeepFM", "wide"], seeds=[2, 3]) == [("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
+        schema.cells_of(suite, ["DIN"])
+    assert schema.cells_of(suite, ["DeepFM", "wide"], seeds=[2, 3]) == [("DeepFM", 2), ("DeepFM", 3), ("wide", 2)]
     with pytest.raises(SystemExit, match=r"\[4\]"):
-        run_suite.cells_of(suite, ["DeepFM"], seeds=[4])
+        schema.cells_of(suite, ["DeepFM"], seeds=[4])
 
 
 def test_device_kit_carries_the_shared_data_a_suite_names():
     import device_session
 
-    suite = run_suite.load_suite(os.path.join(ROOT, "benchmarks", "suites", "reki_released_ml1m_u2999.yaml"))
+    suite = schema.load_suite(os.path.join(ROOT, "benchmarks", "suites", "reki_released_ml1m_u2999.yaml"))
     paths = device_session.shared_paths(suite)
     assert {"ml-1m", "reki/ml-1m/proc_data/group_data"} <= set(paths)
     if os.path.isfile(os.path.join(device_session.SHARED, "ml-1m", "movies.dat")):
         assert "ml-1m/movies.dat" in paths  # the release's titles are resolved against it
-    ml100k = run_suite.load_suite(os.path.join(ROOT, "benchmarks", "suites", "reki_ml100k.yaml"))
+    ml100k = schema.load_suite(os.path.join(ROOT, "benchmarks", "suites", "reki_ml100k.yaml"))
     assert device_session.shared_paths(ml100k) == []  # RecBole ships ml-100k
 
 
@@ -405,21 +406,21 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     metrics = {"hit@10": 0.1, "hit@50": 0.3, "ndcg@10": 0.05, "ndcg@50": 0.09}
 
     def finish(recorded=True):  # what a runner of b leaves: its cells, with the settings they ran under
-        b = run_suite.load_suite(str(tmp_path / "b.yaml"))
+        b = schema.load_suite(str(tmp_path / "b.yaml"))
         for entry in b["entries"]:
             path = tmp_path / "results" / "b" / "cells" / f"{entry['label']}-1.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             cell = {"model": entry["label"], "dataset": b["dataset"], "seed": 1, "test": metrics, "valid": metrics}
             if recorded:
-                cell["settings"] = run_suite.cell_settings(b, entry, 1)
+                cell["settings"] = schema.cell_settings(b, entry, 1)
             path.write_text(json.dumps(cell))
 
     finish()
-    suite = run_suite.load_suite(str(tmp_path / "a.yaml"))
+    suite = schema.load_suite(str(tmp_path / "a.yaml"))
     folder = str(tmp_path / "results" / "a")
 
     def twin(label):
-        return run_suite.twin_cell(suite, "SASRec", run_suite.cell_settings(suite, by_label[label], 1), 1,
+        return staleness.twin_cell(suite, "SASRec", schema.cell_settings(suite, by_label[label], 1), 1,
                                    str(tmp_path / "results"))
 
     by_label = {e["label"]: e for e in suite["entries"]}
@@ -432,14 +433,14 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     assert copied["model"] == "SASRec" and copied["same_run_as"] == os.path.join("b", "cells", "SASRec-1.json")
     assert copied["test"] == {"hit@10": 0.1, "ndcg@10": 0.05}  # what this suite reports, no more
     assert json.load(open(os.path.join(folder, "cells", "long-1.json")))["model"] == "long"
-    report = run_suite.write_reports(suite, run_suite.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
+    report = reports.write_reports(suite, statistics.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
     assert "copied from b's runs of the same settings: 1 cell (see same_run_as)" in report
 
     assert copied["settings"]["topk"] == [10, 50]  # what ran
-    assert run_suite.stale_keys(suite, copied) == []  # and it stands for this suite's cell
+    assert staleness.stale_keys(suite, copied) == []  # and it stands for this suite's cell
     # a suite that copies the copy names the run where it happened, not the copy
     (tmp_path / "chain.yaml").write_text(yaml.safe_dump(dict(ours, reuse_cells_from=["a.yaml"])))
-    chained = run_suite.load_suite(str(tmp_path / "chain.yaml"))
+    chained = schema.load_suite(str(tmp_path / "chain.yaml"))
     assert run_suite.run_cells(chained, str(tmp_path / "results" / "chain"), [("SASRec", 1)]) == ([], 0)
     again = json.load(open(tmp_path / "results" / "chain" / "cells" / "SASRec-1.json"))
     assert again["same_run_as"] == os.path.join("b", "cells", "SASRec-1.json")
@@ -457,7 +458,7 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     assert twin("SASRec").endswith("SASRec-1.json")
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(dict(ours, reuse_cells_from=["c.yaml"])))
     with pytest.raises(ValueError, match="a.yaml: reuse_cells_from.*c.yaml"):
-        run_suite.load_suite(str(tmp_path / "a.yaml"))
+        schema.load_suite(str(tmp_path / "a.yaml"))
 
 
 @pytest.mark.parametrize("ours, theirs, seed, copied", [
@@ -470,15 +471,15 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
 ])
 def test_real_suites_share_exactly_the_cells_that_are_the_same_run(tmp_path, ours, theirs, seed, copied):
     suites = os.path.join(ROOT, "benchmarks", "suites")
-    suite = run_suite.load_suite(os.path.join(suites, f"{ours}.yaml"))
-    other = run_suite.load_suite(os.path.join(suites, f"{theirs}.yaml"))
+    suite = schema.load_suite(os.path.join(suites, f"{ours}.yaml"))
+    other = schema.load_suite(os.path.join(suites, f"{theirs}.yaml"))
     for entry in other["entries"]:
         path = tmp_path / theirs / "cells" / f"{entry['label']}-{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"dataset": other["dataset"], "settings": run_suite.cell_settings(other, entry, seed)}))
+        path.write_text(json.dumps({"dataset": other["dataset"], "settings": schema.cell_settings(other, entry, seed)}))
     found = {}
     for entry in suite["entries"]:
-        twin = run_suite.twin_cell(suite, entry["model"], run_suite.cell_settings(suite, entry, seed), seed, str(tmp_path))
+        twin = staleness.twin_cell(suite, entry["model"], schema.cell_settings(suite, entry, seed), seed, str(tmp_path))
         if twin:
             found[entry["label"]] = os.path.basename(twin)
     assert found == {label: f"{source}-{seed}.json" for label, source in copied.items()}
@@ -508,12 +509,12 @@ def test_a_paired_test_that_mixes_devices_or_code_is_marked():
              "model_config": {}}
     stock = [dict(cell(s, "cpu", "a", 0.70 + s / 100), model="DeepFM") for s in (1, 2, 3)]
     same = [dict(cell(s, "cpu", "a", 0.71 + s / 100), model="V") for s in (1, 2, 3)]
-    rows = {r["model"]: r for r in run_suite.summarize(suite, stock + same)}
-    assert rows["V"]["mixed"] == "" and "‡" not in run_suite.change(rows["V"], "auc", "")
+    rows = {r["model"]: r for r in statistics.summarize(suite, stock + same)}
+    assert rows["V"]["mixed"] == "" and "‡" not in reports.change(rows["V"], "auc", "")
     mixed = [dict(cell(s, "cuda:0" if s == 3 else "cpu", "b" if s == 2 else "a", 0.71 + s / 100), model="V")
              for s in (1, 2, 3)]
-    rows = {r["model"]: r for r in run_suite.summarize(suite, stock + mixed)}
-    assert run_suite.change(rows["V"], "auc", "").endswith(" ‡†")
+    rows = {r["model"]: r for r in statistics.summarize(suite, stock + mixed)}
+    assert reports.change(rows["V"], "auc", "").endswith(" ‡†")
 
 
 def test_controls_add_a_shuffled_and_a_constant_row_per_knowledge_variant(tmp_path):
@@ -523,7 +524,7 @@ def test_controls_add_a_shuffled_and_a_constant_row_per_knowledge_variant(tmp_pa
                         {"label": "plain", "model": "BPR_ReLand", "controls": []}]}
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
-    entries = {e["label"]: e for e in run_suite.load_suite(str(path))["entries"]}
+    entries = {e["label"]: e for e in schema.load_suite(str(path))["entries"]}
     assert list(entries) == ["DeepFM", "DeepFM_REKI", "DeepFM_REKI-shuffled", "DeepFM_REKI-constant", "BPR+f_item",
                              "BPR+f_item-shuffled", "BPR+f_item-constant", "plain"]
     control = entries["BPR+f_item-constant"]
@@ -537,19 +538,19 @@ def test_a_cell_recorded_before_a_setting_existed_ran_with_its_old_value(tmp_pat
     cell now records even when its suite does not name them."""
     old = {"reland_item_text": False}
     attention = dict(old, reland_user_fusion="attention", reland_item_fusion="attention")
-    assert run_suite.run_differences("BPR_ReLand", attention, old) == []
-    assert run_suite.run_differences("BPR_ReLand", dict(attention, reland_user_fusion="gate"), old) == ["reland_user_fusion"]
+    assert staleness.run_differences("BPR_ReLand", attention, old) == []
+    assert staleness.run_differences("BPR_ReLand", dict(attention, reland_user_fusion="gate"), old) == ["reland_user_fusion"]
     suite = {"dataset": "tiny", "seeds": [1], "models": ["BPR", "BPR_ReLand", "DeepFM_REKI"]}
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
-    suite = run_suite.load_suite(str(path))
+    suite = schema.load_suite(str(path))
     entries = {e["label"]: e for e in suite["entries"]}
-    ours = run_suite.cell_settings(suite, entries["BPR_ReLand"], 1)
+    ours = schema.cell_settings(suite, entries["BPR_ReLand"], 1)
     assert ours["reland_user_fusion"] == "gate" and ours["reland_item_fusion"] == "concat"
-    assert run_suite.run_differences("BPR_ReLand", ours, {"seed": 1, "show_progress": False}) == [
+    assert staleness.run_differences("BPR_ReLand", ours, {"seed": 1, "show_progress": False}) == [
         "reland_item_fusion", "reland_user_fusion"]
-    assert "reland_user_fusion" not in run_suite.cell_settings(suite, entries["DeepFM_REKI"], 1)
-    assert "reland_user_fusion" not in run_suite.cell_settings(suite, entries["BPR"], 1)
+    assert "reland_user_fusion" not in schema.cell_settings(suite, entries["DeepFM_REKI"], 1)
+    assert "reland_user_fusion" not in schema.cell_settings(suite, entries["BPR"], 1)
 
 
 def test_sampled_evaluation_cells_from_before_fixed_negatives_are_another_run(tmp_path):
@@ -559,10 +560,10 @@ def test_sampled_evaluation_cells_from_before_fixed_negatives_are_another_run(tm
              "model_config": {"DeepFM": {"eval_args": {"mode": {"valid": "full", "test": "uni100"}}}}}
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
-    suite = run_suite.load_suite(str(path))
+    suite = schema.load_suite(str(path))
     for entry in suite["entries"]:
-        ours = run_suite.cell_settings(suite, entry, 1)
+        ours = schema.cell_settings(suite, entry, 1)
         assert ours["eval_fixed_negatives"] is True
         recorded = {k: v for k, v in ours.items() if k != "eval_fixed_negatives"}
-        assert run_suite.run_differences(entry["model"], ours, recorded) == ["eval_fixed_negatives"]
-    assert not run_suite.samples_at_evaluation("BPR", {}) and run_suite.samples_at_evaluation("DIEN_REKI", {})
+        assert staleness.run_differences(entry["model"], ours, recorded) == ["eval_fixed_negatives"]
+    assert not schema.samples_at_evaluation("BPR", {}) and schema.samples_at_evaluation("DIEN_REKI", {})

@@ -1,0 +1,118 @@
+"""The summary's numbers: means over seeds and paired comparisons (t-test, confidence interval) on matched seeds."""
+
+from collections import Counter
+
+from harness.schema import entries
+
+
+def mixed_pairs(runs, others):
+    """What the seed pairs of two rows mix, which a paired test should not: '‡' CPU with GPU cells,
+    '†' cells of different commits (among those that recorded one); '' when neither."""
+    shared = sorted(set(runs) & set(others))
+    marks = ""
+    if any(ran_on(runs[s]) != ran_on(others[s]) for s in shared):
+        marks += "‡"
+    commits = {c["provenance"]["commit"] for s in shared for c in (runs[s], others[s])
+               if (c.get("provenance") or {}).get("commit")}
+    if len(commits) > 1:
+        marks += "†"
+    return marks
+
+
+def paired_change(runs, others, metric):
+    """(relative change of the mean, paired t-test p) of ``metric`` on the seeds both ran; p is
+    None when they share one seed, which allows no test."""
+    from scipy import stats
+
+    ours, theirs = paired_values(runs, others, metric)
+    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(ours) > 1 else None
+
+
+def paired_values(runs, others, metric):
+    import numpy as np
+
+    shared = sorted(set(runs) & set(others))
+    return (np.array([runs[s]["test"][metric] for s in shared]), np.array([others[s]["test"][metric] for s in shared]))
+
+
+def paired_interval(runs, others, metric, level=0.95):
+    """The ``level`` confidence interval of the paired difference's mean (t distribution over the
+    shared seeds), relative to the other row's mean; None below two shared seeds."""
+    import numpy as np
+    from scipy import stats
+
+    ours, theirs = paired_values(runs, others, metric)
+    if len(ours) < 2:
+        return None
+    diff = ours - theirs
+    half = stats.t.ppf((1 + level) / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return (diff.mean() - half) / theirs.mean(), (diff.mean() + half) / theirs.mean()
+
+
+TIME_KEYS = ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored")
+
+
+def ran_on(cell):
+    """'GPU' or 'CPU': where a cell trained (cells from before that was recorded tell by the peak
+    GPU memory only a CUDA machine records)."""
+    device = cell.get("device") or ("cuda" if "peak_gpu_mb" in cell else "cpu")
+    return "GPU" if device.startswith("cuda") else "CPU"
+
+
+def summarize(suite, cells):
+    """Rows of mean ± std per model, paired t-test against the stock backbone (and against the
+    ``versus`` entry, when named) on shared seeds."""
+    import numpy as np
+
+    by_model = {}
+    for cell in cells:
+        by_model.setdefault(cell["model"], {})[cell["seed"]] = cell
+    rows = []
+    for entry in entries(suite):
+        model, base = entry["label"], entry["stock"]
+        runs = by_model.get(model, {})
+        if not runs:
+            continue
+        row = {"model": model, "seeds": len(runs)}
+        for metric in sorted(next(iter(runs.values()))["test"]):
+            values = np.array([runs[s]["test"][metric] for s in sorted(runs)])
+            row[f"{metric}_mean"] = values.mean()
+            if len(values) > 1:  # one seed has no spread: leave it out rather than print ± 0
+                row[f"{metric}_std"] = values.std(ddof=1)
+            if base and base in by_model:
+                row[f"{metric}_rel"], row[f"{metric}_p"] = paired_change(runs, by_model[base], metric)
+                row[f"{metric}_ci"] = paired_interval(runs, by_model[base], metric)
+                row["mixed"] = mixed_pairs(runs, by_model[base])
+            if entry["versus"] in by_model:
+                row["versus"] = entry["versus"]
+                row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
+                row[f"{metric}_versus_ci"] = paired_interval(runs, by_model[entry["versus"]], metric)
+                row["versus_mixed"] = mixed_pairs(runs, by_model[entry["versus"]])
+        devices = Counter(ran_on(c) for c in runs.values())
+        row["ran_on"] = ", ".join(f"{device} {n}" for device, n in sorted(devices.items()))
+        # a mean of CPU and GPU epochs times neither: a row whose cells ran on both gives no times
+        timed = TIME_KEYS if len(devices) == 1 else ()
+        for key in timed + ("knowledge_seconds", "peak_rss_mb", "epochs_run"):
+            values = [c[key] for c in runs.values() if c.get(key) is not None]
+            if values:
+                row[key] = float(np.mean(values))
+        costs = [c["knowledge"] for c in runs.values() if c.get("knowledge")]
+        if costs:  # what building one store cost (REKI's Table 6 "# call"): prompts, calls sent, tokens
+            row["llm_prompts"] = float(np.mean([k["requested"] for k in costs]))
+            row["llm_calls"] = float(np.mean([k["called"] for k in costs]))
+            row["llm_tokens"] = float(np.mean([k["prompt_tokens"] + k["completion_tokens"] for k in costs]))
+        rows.append(row)
+    return rows
+
+
+def relative_changes(cells, suite, metric):
+    """Per variant: the per-seed relative change of ``metric`` against its stock backbone."""
+    by = {(c["model"], c["seed"]): c["test"][metric] for c in cells}
+    changes = {}
+    for entry in entries(suite):
+        model, base = entry["label"], entry["stock"]
+        if base:
+            pairs = [(by[(model, s)], by[(base, s)]) for s in suite["seeds"] if (model, s) in by and (base, s) in by]
+            if pairs:
+                changes[model] = [(ours - theirs) / theirs for ours, theirs in pairs]
+    return changes
