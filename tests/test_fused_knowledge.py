@@ -74,6 +74,46 @@ def test_a_fused_variant_starts_as_the_stock_model_and_serves_prestored_vectors(
     assert torch.allclose(expected, served, atol=1e-5)
 
 
+def test_full_sort_evaluation_fuses_the_table_once_until_a_weight_changes(fused_config):
+    """BPR reads its whole item table for every evaluation batch: fused (HEIN over every item) once,
+    then reused; a training step or a loaded checkpoint makes it fuse again, never serve stale rows."""
+    model, trainer, test_data, _ = trained("BPR_REKI", fused_config)
+    table = model.item_embedding
+    batch = next(iter(test_data))[0]
+
+    def evaluated():
+        model.eval()
+        with torch.no_grad():
+            return table.weight, model.full_sort_predict(batch)
+
+    first, scores = evaluated()
+    again, _ = evaluated()
+    assert again is first  # the same tensor: not fused again
+    model.train()
+    fresh = table.weight  # training: always computed, with gradients
+    assert fresh.requires_grad and torch.allclose(fresh, first, atol=1e-6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = model.calculate_loss(batch_for_loss(test_data, model))
+    loss.backward()
+    trainer.optimizer.step()
+    stepped, stepped_scores = evaluated()
+    assert stepped is not first and not torch.allclose(stepped, first)
+    model.train()
+    with torch.no_grad():
+        assert torch.allclose(stepped, table.weight)  # what an uncached fusion gives now
+    model.load_state_dict(state)
+    restored, restored_scores = evaluated()
+    assert restored is not stepped and torch.allclose(restored, first) and torch.allclose(restored_scores, scores)
+
+
+def batch_for_loss(test_data, model):
+    """A small training batch of (user, positive, negative) ids from the evaluation users."""
+    from recbole.data.interaction import Interaction
+
+    users = next(iter(test_data))[0][model.USER_ID][:8]
+    return Interaction({model.USER_ID: users, model.ITEM_ID: (users % 5) + 1, model.NEG_ITEM_ID: (users % 7) + 2})
+
+
 def test_sasrec_learn_fuses_learn_embeddings_from_the_same_split(fused_config):
     config = dict(for_model(fused_config, "SASRec"), learn_features_epochs=1, learn_features_config={
         "embedding_size": 8, "hidden_size": 16, "inner_size": 16, "n_layers": 1, "n_heads": 1,

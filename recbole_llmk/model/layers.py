@@ -294,6 +294,7 @@ class FusedEmbedding(nn.Module):
         self.register_buffer("knowledge", rows, persistent=False)
         self.fusion = fusion
         self.adapter = adapter
+        self._evaluated = None  # (state of the weights it was computed from, the fused table)
 
     @property
     def num_embeddings(self):
@@ -321,7 +322,17 @@ class FusedEmbedding(nn.Module):
         """Run the adapter once over every row and serve its output (REKI's deployment)."""
         if self.adapter is not None:
             self.knowledge, self.adapter = adapted_once(self.adapter, self.knowledge), None
+        self._evaluated = None
 
     @property
     def weight(self):
-        return self._fuse(self.embedding.weight, torch.arange(self.num_embeddings, device=self.knowledge.device))
+        """The whole fused table. Full-sort evaluation reads it for every batch: there (evaluation
+        mode, no gradients) it is computed once and kept until a weight it depends on changes (a
+        training step, a loaded checkpoint: tracked by each tensor's version counter and storage)."""
+        if self.training or torch.is_grad_enabled():
+            return self._fuse(self.embedding.weight, torch.arange(self.num_embeddings, device=self.knowledge.device))
+        state = tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), self.knowledge))
+        if self._evaluated is None or self._evaluated[0] != state:
+            ids = torch.arange(self.num_embeddings, device=self.knowledge.device)
+            self._evaluated = (state, self._fuse(self.embedding.weight, ids))
+        return self._evaluated[1]
