@@ -109,6 +109,9 @@ def run_one(model, dataset, config_file_list, config_dict, saved, run):
 
 def run_prepared(config, dataset, train_data, valid_data, test_data, saved, run):
     logger = logging.getLogger()
+    if config["encoding_shard"] and run != "knowledge":
+        raise ValueError("encoding_shard encodes part of a store's texts and writes no store: use it with "
+                         "--run=knowledge, then run without it")
     if run in ("export_batch", "import_batch"):
         result = batch_files(config, train_data, run)
         logger.info(f"{run}: {result} ({config['batch_file']})")

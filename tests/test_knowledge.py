@@ -12,7 +12,7 @@ from recbole_llmk.knowledge.descriptions import Describer, DatasetHook
 from recbole_llmk.knowledge.encoder import TextEncoder
 from recbole_llmk.knowledge.history import LeakageError, split_fingerprint, training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore, KnowledgeStoreError
-from recbole_llmk.quick_start import build_knowledge, prepare
+from recbole_llmk.quick_start import build_knowledge, prepare, run_recbole_llmk
 from recbole_llmk.techniques.reki import REKIPrompts
 
 TITLE = re.compile(r"Title(\d+) ")
@@ -459,3 +459,22 @@ def test_stores_are_listed_so_a_person_can_tell_them_apart(tiny_config, workdir,
     beside = os.listdir(workdir / "knowledge" / "tiny")
     assert not [name for name in beside if name.endswith(".lock")]  # lock files kept in .locks/
     assert os.listdir(workdir / "knowledge" / "tiny" / ".locks")
+
+
+def test_encoding_shards_fill_the_cache_and_the_store_then_encodes_nothing(tiny_config, workdir, monkeypatch):
+    from recbole_llmk.knowledge.encoder import TextEncoder
+
+    for shard in ([0, 2], [1, 2]):  # two processes (or machines) in parallel
+        result = run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, encoding_shard=shard),
+                                  run="knowledge")
+        assert result["knowledge_store"] is None
+    assert not os.path.isdir(workdir / "knowledge" / "tiny") or not [
+        d for d in os.listdir(workdir / "knowledge" / "tiny") if not d.startswith(".")]
+    monkeypatch.setattr(TextEncoder, "encode", lambda *a, **k: pytest.fail("a text was encoded again"))
+    config, _, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=tiny_config)
+    store = build_knowledge(config, train_data)
+    assert store.meta["encodings_reused"] == store.meta["distinct_texts"] > 0
+    with pytest.raises(ValueError, match=r"encoding_shard must be \[i, N\]"):
+        run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, encoding_shard=[2, 2]), run="knowledge")
+    with pytest.raises(ValueError, match="use it with --run=knowledge"):
+        run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, encoding_shard=[0, 2]))

@@ -20,7 +20,7 @@ import numpy as np
 
 from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.encoder import TextEncoder
-from recbole_llmk.knowledge.generation import Request
+from recbole_llmk.knowledge.generation import Request, make_backend
 from recbole_llmk.knowledge.store import KnowledgeStore
 
 
@@ -102,10 +102,13 @@ class KnowledgePlan:
         return cls([r for rs in requests.values() for r in rs], layout)
 
 
-def ensure_store(config, settings: dict, make_plan: Callable[[], KnowledgePlan]) -> KnowledgeStore:
+def ensure_store(config, settings: dict, make_plan: Callable[[], KnowledgePlan]) -> Optional[KnowledgeStore]:
     """Open the store for ``settings``, building it first when missing (or when asked to).
 
-    ``make_plan()`` -> a :class:`KnowledgePlan`; it is only called when the store is built."""
+    ``make_plan()`` -> a :class:`KnowledgePlan`; it is only called when the store is built.
+    With ``encoding_shard`` it only encodes its part of the texts (:func:`encode_shard`): None."""
+    if setting(config, "encoding_shard"):
+        return encode_shard(config, make_plan(), setting(config, "encoding_shard"))
     path = store_path(config, settings)
     # Runs in parallel (benchmark cells, a grid search) may want the same store: one builds it
     # while the others wait, then they open it.
@@ -158,14 +161,12 @@ def encode_texts(config, encoder, texts):
     return vectors, reused
 
 
-def build_store(config, settings: dict, plan: KnowledgePlan, path: str) -> KnowledgeStore:
-    from recbole_llmk.knowledge.generation import make_backend
-
-    logger = logging.getLogger()
-    start = time.time()
+def planned_texts(config, plan: KnowledgePlan):
+    """Generate the plan's answers (cached, resumable) and gather the texts its store holds:
+    -> ``(texts by key, the keys the layout uses, backend, generation report, files)``."""
     backend = make_backend(plan.backend or config, cache_dir(config))
     answers, report = backend.generate(plan.requests)
-    logger.info(report.summary())
+    logging.getLogger().info(report.summary())
     files = {}
     if plan.postprocess:
         answers, files = plan.postprocess(answers)
@@ -174,6 +175,35 @@ def build_store(config, settings: dict, plan: KnowledgePlan, path: str) -> Knowl
     if missing:
         raise KeyError(f"knowledge plan refers to {len(missing)} keys with no text, e.g. {sorted(missing)[:3]}")
     keys = sorted({key for rows in plan.layout.values() for key in rows.values()})
+    return texts, keys, backend, report, files
+
+
+def encode_shard(config, plan: KnowledgePlan, shard) -> None:
+    """``encoding_shard: [i, N]`` (with ``--run=knowledge``): encode the i-th of N equal parts of the
+    store's texts into the encoding cache, and write no store. N processes (or machines sharing
+    ``knowledge_dir``) encode a store's texts in parallel; the next ordinary run finds every vector
+    cached and writes the store at once."""
+    try:
+        index, count = (int(part) for part in shard)
+        assert 0 <= index < count
+    except (TypeError, ValueError, AssertionError):
+        raise ValueError(f"encoding_shard must be [i, N] with 0 <= i < N (e.g. --encoding_shard=\"[0,4]\"), "
+                         f"got {shard!r}") from None
+    if not setting(config, "encoding_cache"):
+        raise ValueError("encoding_shard writes into the encoding cache: set encoding_cache=True")
+    texts, keys, *_ = planned_texts(config, plan)
+    part = keys[index * len(keys) // count:(index + 1) * len(keys) // count]
+    if part:
+        encode_texts(config, TextEncoder.from_config(config), [texts[k] for k in part])
+    logging.getLogger().info(f"encoding shard {index} of {count}: {len(part)} of {len(keys)} texts encoded or found "
+                             f"in the encoding cache; no store written (run again without encoding_shard)")
+    return None
+
+
+def build_store(config, settings: dict, plan: KnowledgePlan, path: str) -> KnowledgeStore:
+    logger = logging.getLogger()
+    start = time.time()
+    texts, keys, backend, report, files = planned_texts(config, plan)
     vectors, encoder_dim = {}, None
     if keys:
         encoder = TextEncoder.from_config(config)

@@ -54,7 +54,8 @@ class KnowledgeTechnique:
         if planned is None:
             return None
         store = ensure_store(config, *planned)
-        config["knowledge_store"] = store.path
+        if store is not None:  # None: an encoding shard (--run=knowledge --encoding_shard=[i,N]) writes no store
+            config["knowledge_store"] = store.path
         return store
 
     @classmethod
