@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from recbole_llmk.coverage import BEGIN, END, TrainingDatasets, reason, support
+from recbole_llmk.coverage import BEGIN, END, TRAINED, TrainingDatasets, markdown, reason, support, trained_variants
 from recbole_llmk.utils import TECHNIQUES, get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def test_cells_that_need_no_dataset_match_the_code():
                 assert shown == f"– {reason(error, model)}", (model, technique)
                 continue
             if not hasattr(variant, "check_fits"):
-                assert shown == "✓", (model, technique)
+                assert shown in ("✓", TRAINED), (model, technique)
 
 
 @pytest.mark.parametrize("name, expected", [("BPR_REKI", None), ("SASRec_LEARN", None),
@@ -44,4 +44,27 @@ def test_cells_that_need_no_dataset_match_the_code():
 def test_fused_cells_come_from_the_models_tables(name, expected, workdir):
     assert support(name, TrainingDatasets(str(workdir))) == expected
     model, _, technique = name.rpartition("_")
-    assert coverage_table()[model][technique] == ("✓" if expected is None else f"– {expected}")
+    assert coverage_table()[model][technique] in (("✓", TRAINED) if expected is None else (f"– {expected}",))
+
+
+def test_trained_marks_come_from_the_sweep_s_last_record_of_each_run(tmp_path):
+    """A variant is marked trained when its last run of RecBole's own test passed; a table cell
+    that marks it so is backed by a passed run in the committed sweep."""
+    import json
+
+    sweep = tmp_path / "runs.jsonl"
+    runs = [{"test": "t_bpr", "variant": "BPR_REKI", "status": "failed"},
+            {"test": "t_bpr", "variant": "BPR_REKI", "status": "passed"},  # rerun: the last record counts
+            {"test": "t_sas", "variant": "SASRec_REKI", "status": "passed"},
+            {"test": "t_sas", "variant": "SASRec_REKI", "status": "failed"}]
+    sweep.write_text("\n".join(json.dumps(r) for r in runs) + "\n")
+    assert trained_variants(str(sweep)) == {"BPR_REKI"}
+    rows = [("general", "BPR", {"REKI": None, "ReLand": None, "LEARN": None}),
+            ("sequential", "SASRec", {"REKI": None, "ReLand": "no reason", "LEARN": None})]
+    table = markdown(rows, {"BPR_REKI"})
+    assert f"| general | BPR | {TRAINED} | ✓ | ✓ |" in table and "| sequential | SASRec | ✓ | – no reason | ✓ |" in table
+    committed = os.path.join(ROOT, "benchmarks", "results", "recbole_model_tests", "runs.jsonl")
+    if os.path.isfile(committed):
+        passed = trained_variants(committed)
+        marked = {f"{m}_{t}" for m, cells in coverage_table().items() for t, shown in cells.items() if shown == TRAINED}
+        assert marked <= passed

@@ -136,7 +136,7 @@ def test_a_model_without_id_tables_is_refused_before_any_knowledge(fused_config,
 def test_a_sequential_model_without_one_sequence_representation_is_refused_before_any_knowledge(fused_config, workdir, base):
     """RecBole's own model tests crashed these after the knowledge build: RepeatNet's forward returns
     item probabilities, SASRecCPR's a list."""
-    with pytest.raises(ValueError, match=f"{base}_REKI is not supported: {base} its forward returns"):
+    with pytest.raises(ValueError, match=f"{base}_REKI is not supported: {base} returns"):
         run_recbole_llmk(f"{base}_REKI", "tiny", config_dict=dict(fused_config, train_neg_sample_args=None,
                                                                    knowledge_dir=str(workdir / "fresh")))
     assert not any((workdir / "fresh").rglob("meta.json"))

@@ -40,8 +40,8 @@ NO_ID_TABLES = {
 # Sequential models whose forward returns no single sequence representation for the user's
 # knowledge to join, and what it returns (found by RecBole's own model tests, run through the plugin).
 NO_SEQUENCE_REPRESENTATION = {
-    "RepeatNet": "its forward returns item probabilities (a repeat/explore mixture), not a sequence representation",
-    "SASRecCPR": "its forward returns a list of sequence representations, one per softmax head",
+    "RepeatNet": "returns item probabilities from forward (a repeat/explore mixture), not a sequence representation",
+    "SASRecCPR": "returns a list of sequence representations from forward, one per softmax head",
 }
 
 
