@@ -8,7 +8,7 @@ import recbole.model.context_aware_recommender as car
 import torch
 from recbole.model.abstract_recommender import ContextRecommender
 
-from recbole_llmk.model.reki import UNSUPPORTED
+from recbole_llmk.model.knowledge_fields import UNSUPPORTED
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
 from recbole_llmk.utils import get_model, get_trainer
 

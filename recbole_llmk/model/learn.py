@@ -71,7 +71,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
-from recbole_llmk.model.reki import KnowledgeMixin, knowledge_variant
+from recbole_llmk.model.knowledge_fields import KnowledgeMixin, knowledge_variant
 from recbole_llmk.model.technique import KnowledgeTechnique
 
 MASKED = -10000.0  # RecBole's additive attention mask value
@@ -434,7 +434,7 @@ class LEARN(KnowledgeTechnique, SequentialRecommender):
 class LEARNFeatures(KnowledgeMixin):
     """``<Model>_LEARN``'s knowledge: LEARN's user and item embeddings, built before the model
     (``techniques.learn.learn_features_plan``) and fed through HEIN as two extra fields, the
-    injection REKI uses (``model.reki``)."""
+    injection REKI uses (``model.knowledge_fields``)."""
 
     technique = "LEARN"
     store_technique = "LEARN-features"

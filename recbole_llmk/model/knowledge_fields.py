@@ -1,0 +1,173 @@
+"""Knowledge through HEIN, for every technique whose knowledge is a pair of vectors per user and
+item (REKI's, LEARN's embeddings as features): where the augmented vectors enter each RecBole
+model family, and the variant classes that put them there.
+
+One rule per backbone family:
+
+- context-aware models (``recbole.model.context_aware_recommender``): two more feature fields in
+  ``embed_input_fields``, before the model sizes its layers by ``num_feature_field`` (KAR's
+  setting);
+- deep-interest models (DIN, DIEN), whose forward builds its DNN input internally: appended to the
+  input of their final DNN (``dnn_mlp_layers``), as KAR does for DIN;
+- general and sequential models (BPR, LightGCN, SASRec, ...), which have no feature fields: fused
+  into their user and item ID embeddings (:mod:`recbole_llmk.model.fusion`, ``hein_fusion``) through
+  a gate that starts at zero, so such a variant starts as its stock model.
+
+A technique supplies a mixin (its ``knowledge_plan``, :mod:`recbole_llmk.model.technique`) and calls
+:func:`knowledge_variant`; ``model/reki.py`` and ``model/learn.py`` are the two that do.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+
+import torch
+from recbole.model.abstract_recommender import ContextRecommender, GeneralRecommender, SequentialRecommender
+
+from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
+from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
+from recbole_llmk.model.fusion import FusionTechnique, fused_variant
+from recbole_llmk.model.layers import HEIN, ConcatInput, FusedEmbedding, HEINSide, KnowledgeFields, make_fusion
+from recbole_llmk.model.technique import KnowledgeTechnique
+
+
+# Models that cannot take the knowledge fields through a generic hook, and why.
+UNSUPPORTED = {
+    "LR": "first-order only: it has no field embeddings for the augmented vectors to join",
+    "FFM": "field-aware embedding tables of its own; extra fields would need a per-model rewrite",
+    "FwFM": "its field-pair weight map is built from dataset field names and has no slot for added fields",
+}
+# Deep-interest models: forward(user, ..., next_items) ending in self.dnn_mlp_layers.
+DEEP_INTEREST = ("DIN", "DIEN")
+
+
+def knowledge_tables(store_technique, config, dataset):
+    """The run's stored knowledge as ``(user_table, item_table)``, aligned to ``dataset``'s
+    internal ids.
+
+    Each side reads the store kinds its technique wrote (``knowledge_kinds``: e.g. individual
+    REKI ``user`` / ``item``; REKI-C adds cluster and history kinds), concatenated in that order."""
+    store = KnowledgeStore.open(config["knowledge_store"])
+    store.check({"technique": store_technique, "dataset": config["dataset"],
+                 "split": split_fingerprint(training_interactions(dataset))})
+    kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}
+    tables = {side: [run_table(store, config, dataset, kind, side) for kind in kinds[side]] for side in kinds}
+    if config["knowledge_pca_dim"]:  # one projection for every kind: they share the encoder's space
+        reduced = pca_reduce(tables["user"] + tables["item"], config["knowledge_pca_dim"])
+        tables = {"user": reduced[:len(tables["user"])], "item": reduced[len(tables["user"]):]}
+    return tuple(np.concatenate(tables[side], axis=1) for side in ("user", "item"))
+
+
+def knowledge_fields(model, config, dataset):
+    """HEIN over this run's stored knowledge: the two augmented-vector fields of a CTR model."""
+    user_table, item_table = knowledge_tables(model.store_technique, config, dataset)
+    return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
+
+
+class KnowledgeMixin(KnowledgeTechnique):
+    """What every HEIN variant (REKI's, LEARN's features) shares: prestoring. A technique's mixin
+    adds the contract of :mod:`recbole_llmk.model.technique`."""
+
+    def prestore_knowledge(self, drop_adapter=False):
+        """Precompute the augmented vectors of every user and item (REKI's deployment)."""
+        self.knowledge.prestore(drop_adapter)
+
+
+class KnowledgeFusion(FusionTechnique):
+    """REKI's and LEARN's knowledge on general and sequential models: HEIN's augmented user and
+    item vectors, trained with the model, fused into its ID embeddings by ``hein_fusion`` (gate by
+    default: ``e' = e + g ⊙ HEIN(t)``, ``g`` from zero, so the variant starts as the stock model;
+    where each side enters is :mod:`recbole_llmk.model.fusion`'s rule, shared with ReLand)."""
+
+    def fused_tables(self, config, dataset):
+        user, item = knowledge_tables(self.store_technique, config, dataset)
+        self.knowledge_dims = (user.shape[1], item.shape[1])
+        return {"user": torch.from_numpy(user), "item": torch.from_numpy(item)}
+
+    def side_fusion(self, config, side, dim, knowledge_dim):
+        if getattr(self, "hein", None) is None:  # one HEIN for both sides (its shared experts)
+            self.hein = HEIN.from_config(*self.knowledge_dims, dim, config)
+        if self.hein.user_out.out_features != dim:
+            raise ValueError(f"{type(self).__name__}: its {side} ID table is {dim}-wide and another "
+                             f"{self.hein.user_out.out_features}-wide; one HEIN cannot serve both")
+        return HEINSide(self.hein, side), make_fusion(config["hein_fusion"], dim, dim, "hein_fusion")
+
+    def prestore_knowledge(self, drop_adapter=False):
+        """Run HEIN once over every user and item and serve its output (REKI's deployment)."""
+        for module in self.modules():
+            if isinstance(module, FusedEmbedding):
+                module.prestore()
+        if hasattr(self, "prestore_fused"):
+            self.prestore_fused()
+        if drop_adapter:
+            del self.hein
+
+
+class KnowledgeContext(ContextRecommender):
+    """Placed between a context-aware model and ContextRecommender in the MRO, so it runs inside
+    the model's own ``super().__init__`` and the model sizes its layers for the two new fields."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.USER_ID, self.ITEM_ID = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+        self.knowledge = knowledge_fields(self, config, dataset)
+        self.num_feature_field += 2
+        if self.double_tower:  # one field joins each tower
+            self.user_token_field_num += 1
+            self.item_token_field_num += 1
+
+    def embed_input_fields(self, interaction):
+        sparse, dense = super().embed_input_fields(interaction)
+        fields = self.knowledge(interaction[self.USER_ID], interaction[self.ITEM_ID])
+        if self.double_tower:
+            # token embeddings are ordered [user seq, item seq, user tokens, item tokens]
+            cut = self.user_token_seq_field_num + self.item_token_seq_field_num + self.user_token_field_num - 1
+            sparse = torch_cat([sparse[:, :cut], fields[:, :1], sparse[:, cut:], fields[:, 1:]])
+        else:
+            sparse = torch_cat([sparse, fields])
+        return sparse, dense
+
+
+class KnowledgeDeepInterest(SequentialRecommender):
+    """Placed before DIN/DIEN in the MRO: widens their final DNN once they are built and feeds it
+    the batch's augmented vectors."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.knowledge = knowledge_fields(self, config, dataset)
+        self.dnn_mlp_layers = ConcatInput(self.dnn_mlp_layers, 2 * config["embedding_size"])
+
+    def forward(self, user, *args):
+        self.dnn_mlp_layers.fields = self.knowledge(user, args[-1])  # args[-1]: the target items
+        try:
+            return super().forward(user, *args)
+        finally:
+            self.dnn_mlp_layers.fields = None
+
+
+def torch_cat(parts):
+    return torch.cat([p for p in parts if p is not None and p.shape[1] > 0], dim=1)
+
+
+def knowledge_variant(base, mixin, suffix, doc):
+    """``<Base>_<suffix>``: a RecBole model class with ``mixin``'s stored knowledge through HEIN:
+    two knowledge fields of a CTR model, or fused into a general or sequential model's ID embeddings."""
+    name = base.__name__
+    if name in UNSUPPORTED:
+        raise ValueError(f"{name}_{suffix} is not supported: {name} is {UNSUPPORTED[name]}.")
+    if issubclass(base, ContextRecommender):
+        bases = (base, mixin, KnowledgeContext)
+    elif name in DEEP_INTEREST:
+        bases = (mixin, KnowledgeDeepInterest, base)
+    elif issubclass(base, (GeneralRecommender, SequentialRecommender)):
+        return fused_variant(base, fused_mixin(mixin), suffix, doc)
+    else:
+        raise ValueError(f"{name}_{suffix} is not supported: it augments RecBole's context-aware, general and "
+                         f"sequential models; {name} is a {base.type.name.lower()} model.")
+    return type(f"{name}_{suffix}", bases, {"__doc__": doc, "base_model_name": name, "__module__": mixin.__module__})
+
+
+@lru_cache(maxsize=None)
+def fused_mixin(mixin):
+    """``mixin`` (a technique's knowledge) with HEIN fused into ID embeddings."""
+    return type(f"{mixin.__name__}Fused", (KnowledgeFusion, mixin), {"__module__": mixin.__module__})
