@@ -62,7 +62,7 @@ def suite_of(path):
 def shared_paths(suite):
     """The paths under ../shared/data a suite reads (its ``{repo}/../shared/data/...`` strings),
     with the ML-1M movies.dat a REKI release is resolved against."""
-    from recbole_llmk.techniques.reki_release import default_movies_dat
+    from recbole_llmk.knowledge.reki_release import default_movies_dat
 
     text = json.dumps([suite.get("config"), suite.get("model_config"), suite.get("setup"),
                        [e.get("config") for e in suite["entries"]]])

@@ -58,7 +58,7 @@ def test_an_echo_of_the_prompt():
 def test_the_gate_on_the_reki_authors_gpt35_answers():
     """377 real gpt-3.5 completions (the REKI release): the gate must pass fluent knowledge and
     catch what is none. It flags exactly one, a real non-answer."""
-    from recbole_llmk.techniques.reki_release import ReleasedKnowledge
+    from recbole_llmk.knowledge.reki_release import ReleasedKnowledge
 
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "reki" / "ml-1m" / "proc_data" / "group_data"
     if not root.is_dir():

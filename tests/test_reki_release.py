@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from recbole_llmk.techniques.reki_release import (ReleaseError, ReleasedKnowledge, assign_users_by_overlap,
+from recbole_llmk.knowledge.reki_release import (ReleaseError, ReleasedKnowledge, assign_users_by_overlap,
                                                   item_clusters_for, kar_item_order, kar_title, kar_user_order,
                                                   match_items_by_title, prompt_titles, read_recbole_titles)
 
@@ -185,7 +185,7 @@ def test_a_moved_release_keys_the_same_knowledge_and_a_changed_answer_does_not(r
     folder (another machine) reuses the knowledge built from it, and an edited one does not."""
     import dataclasses
 
-    from recbole_llmk.techniques.reki import release_settings
+    from recbole_llmk.knowledge.release_assignment import release_settings
 
     copy = tmp_path / "elsewhere" / "group_data"
     shutil.copytree(RELEASE, copy)
@@ -249,7 +249,7 @@ def test_release_without_titles_refuses_title_based_transfer():
 
 
 def test_a_title_field_of_another_name_points_at_the_setting(tmp_path):
-    from recbole_llmk.techniques.reki_release import ReleaseError, read_recbole_titles
+    from recbole_llmk.knowledge.reki_release import ReleaseError, read_recbole_titles
 
     item_file = tmp_path / "mine.item"
     item_file.write_text("item_id:token\tname:token_seq\tyear:token\n1\tToy Story\t1995\n")

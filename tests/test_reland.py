@@ -377,7 +377,7 @@ RELEASE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 @pytest.mark.skipif(not os.path.isdir(RELEASE), reason="../shared/data (the REKI release) is absent")
 def test_released_user_clusters_form_a_real_reasoning_pool(reland_config, workdir):
     """The tiny dataset's users 1..30 read as ML-1M user ids: each of their liked-items clusters is a seed."""
-    from recbole_llmk.techniques.reki import load_release
+    from recbole_llmk.knowledge.release_assignment import load_release
 
     config = dict(reland_config, knowledge_dir=str(workdir / "k"), reland_pool_source="released",
                   reki_release_path=RELEASE, reki_release_match="id")

@@ -8,15 +8,16 @@ scenario factors). With ``llm_backend: none`` the descriptions themselves are th
 
 import json
 import logging
-import os
 
 import numpy as np
 
 from recbole_llmk.defaults import setting
 from recbole_llmk.knowledge.descriptions import Describer
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
-from recbole_llmk.knowledge.pipeline import KnowledgePlan, cache_dir, digest, store_settings
+from recbole_llmk.knowledge.pipeline import KnowledgePlan, digest, store_settings
 from recbole_llmk.knowledge.prompts import PromptTemplate
+from recbole_llmk.knowledge.release_assignment import (items_to_release, liked_and_disliked, load_release,
+                                                        release_replay_file, release_settings, released_user_clusters)
 
 TECHNIQUE = "REKI"
 
@@ -166,26 +167,10 @@ def _members(assignment):
     return groups
 
 
-def load_release(config):
-    from recbole_llmk.techniques.reki_release import ReleasedKnowledge
-
-    if not config["reki_release_path"]:
-        raise ValueError("reki_knowledge=released needs reki_release_path: the release's group_data folder "
-                         "(e.g. ../shared/data/reki/ml-1m/proc_data/group_data)")
-    return ReleasedKnowledge.load(config["reki_release_path"], config["reki_release_movies"])
 
 
-def release_settings(config, release):
-    """Store settings of knowledge assigned from ``release`` (REKI's, and ReLand's released pool)."""
-    return {"llm_backend": "replay", "llm_model": release.model,
-            "release": digest([release.fingerprint(), config["reki_release_match"], config["reki_like_threshold"]])}
 
 
-def release_replay_file(config, release):
-    """Write the release's answers as a replay file in the run's answer cache; -> its path."""
-    path = os.path.join(cache_dir(config), f"release-{release.fingerprint()}.jsonl")
-    release.write_replay_file(path)
-    return path
 
 
 def released_plan(config, dataset, frame, prompts, release):
@@ -195,7 +180,7 @@ def released_plan(config, dataset, frame, prompts, release):
     title and year; users by ML-1M id, or by the overlap of their *training* likes and dislikes
     with each cluster's representative items. Released answers are replayed, never regenerated."""
     from recbole_llmk.knowledge.generation import Request
-    from recbole_llmk.techniques.reki_release import item_clusters_for
+    from recbole_llmk.knowledge.reki_release import item_clusters_for
 
     items = list(dataset.field2id_token[dataset.iid_field][1:])
     users = list(dataset.field2id_token[dataset.uid_field][1:])
@@ -220,42 +205,3 @@ def released_plan(config, dataset, frame, prompts, release):
     texts = {r.key: r.description for rs in described.values() for r in rs}
     return KnowledgePlan(requests, layout, texts, SIDES, backend={"llm_backend": "replay", "llm_replay_file": replay,
                                                                   "llm_model": release.model})
-
-
-def items_to_release(config, items, describer, release):
-    """{item token: ML-1M movie id} by id (``reki_release_match: id``) or by title and year."""
-    from recbole_llmk.techniques.reki_release import match_items_by_title, read_recbole_titles
-
-    if (setting(config, "reki_release_match")) == "id":
-        return {t: t for t in items}
-    title, year = setting(config, "reki_release_title_fields")
-    return match_items_by_title(release.movies_dat, read_recbole_titles(describer._atomic_path("item"), title, year))
-
-
-def released_user_clusters(config, users, frame, describer, release, to_ml1m):
-    """{user token: (liked cluster, disliked cluster)}: by ML-1M user id (``reki_release_match:
-    id``), or by the overlap of the user's *training* likes and dislikes with each cluster's
-    representative items."""
-    from recbole_llmk.techniques.reki_release import assign_users_by_overlap
-
-    if (setting(config, "reki_release_match")) == "id":
-        return {u: release.user_clusters.get(u, (None, None)) for u in users}
-    return assign_users_by_overlap(release, liked_and_disliked(frame, describer, to_ml1m, config))
-
-
-def liked_and_disliked(frame, describer, to_ml1m, config, every_like=False):
-    """{user: (liked ids, disliked ids)} from training interactions and their ratings, items
-    renamed by ``to_ml1m`` (e.g. to ML-1M ids). Without ratings: an error, or with ``every_like``
-    every interaction is a like."""
-    frame = describer.with_ratings(frame)
-    if "rating" not in frame:
-        if every_like:
-            return {u: ([to_ml1m[i] for i in rows["item"] if i in to_ml1m], []) for u, rows in frame.groupby("user")}
-        raise ValueError("reki_release_match=title assigns users by liked/disliked items, which needs ratings")
-    threshold = setting(config, "reki_like_threshold")
-    frame = frame[frame["item"].isin(to_ml1m.keys())]
-    histories = {}
-    for user, rows in frame.groupby("user"):
-        liked = rows["rating"] >= threshold
-        histories[user] = ([to_ml1m[i] for i in rows["item"][liked]], [to_ml1m[i] for i in rows["item"][~liked]])
-    return histories

@@ -349,7 +349,7 @@ def reland_requests(config, dataset):
     if setting(config, "reland_retrieval") != "exact":  # only then: the stores built before keep their names
         settings["retrieval"] = [config["reland_retrieval"], setting(config, "reland_ivf_nprobe")]
     if source == "released":
-        from recbole_llmk.techniques.reki import load_release, release_settings
+        from recbole_llmk.knowledge.release_assignment import load_release, release_settings
 
         settings.update(pool_source=source, **release_settings(config, load_release(config)))
     return settings, lambda: reland_plan(config, dataset, frame, prompts, source)
@@ -375,7 +375,8 @@ def released_pool(config, dataset, frame, prompts, users, M):
     regenerated; kept whole: it is a preference analysis, not a Step 1/Step 2 answer). Members by
     ML-1M user id or by training-history overlap (``reki_release_match``, see ``techniques.reki``)."""
     from recbole_llmk.knowledge.generation import Request
-    from recbole_llmk.techniques.reki import items_to_release, load_release, release_replay_file, released_user_clusters
+    from recbole_llmk.knowledge.release_assignment import (items_to_release, load_release, release_replay_file,
+                                                            released_user_clusters)
 
     release = load_release(config)
     items = list(dataset.field2id_token[dataset.iid_field][1:])
