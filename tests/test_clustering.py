@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from recbole_llmk.knowledge.clustering import (ClusteringError, KMeansClusterer, StreamingKernelTree,
-                                               make_clusterer, top_d_items)
+from recbole_llmk.knowledge.clustering import ClusteringError, KMeansClusterer, StreamingKernelTree, make_clusterer
+from recbole_llmk.techniques.reki import top_d_items
 
 METHODS = [StreamingKernelTree, KMeansClusterer]
 
@@ -164,5 +164,5 @@ def test_top_d_items_counts_occurrences_and_breaks_ties_by_first_occurrence():
     assert top_d_items(histories, d=4) == ["c", "b", "f", "a"]
     assert top_d_items(histories, d=100) == ["c", "b", "f", "a", "d", "e", "g"]
     assert top_d_items([], d=3) == []
-    with pytest.raises(ClusteringError):
+    with pytest.raises(ValueError, match="d must be at least 1"):
         top_d_items(histories, d=0)

@@ -100,7 +100,7 @@ def collective_plan(config, dataset, frame, prompts):
     items of its members' training likes, and separately of their dislikes (REKI Eq. 1; likes and
     dislikes by ``reki_like_threshold`` when ratings exist, else every interaction is a like). As
     in REKI-C each user also gets its own history description and each item its description."""
-    from recbole_llmk.knowledge.clustering import make_clusterer, top_d_items
+    from recbole_llmk.knowledge.clustering import make_clusterer
     from recbole_llmk.knowledge.generation import Request
     from recbole_llmk.knowledge.history import recent_histories
     from recbole_llmk.knowledge.pretrained import pretrained_vectors
@@ -205,3 +205,23 @@ def released_plan(config, dataset, frame, prompts, release):
     texts = {r.key: r.description for rs in described.values() for r in rs}
     return KnowledgePlan(requests, layout, texts, SIDES, backend={"llm_backend": "replay", "llm_replay_file": replay,
                                                                   "llm_model": release.model})
+
+
+def top_d_items(histories, d=15):
+    """REKI Eq. 1: the ``d`` items occurring most often in a user cluster's member histories.
+
+    ``histories``: one list of item ids per member (their *training* interactions only, so that
+    no test interaction reaches a prompt). Every occurrence counts. Ties are broken by first
+    occurrence (members in the order given, each history in its order), so the result does not
+    depend on hashing and a cluster prompt is stable from run to run."""
+    if d < 1:
+        raise ValueError(f"d must be at least 1, got {d}")
+    counts, first_seen = {}, {}
+    for history in histories:
+        for item in history:
+            if item not in counts:
+                counts[item] = 0
+                first_seen[item] = len(first_seen)
+            counts[item] += 1
+    ranked = sorted(counts, key=lambda item: (-counts[item], first_seen[item]))
+    return ranked[:d]

@@ -163,7 +163,7 @@ class SeedSampler:
             self.labels_ = np.zeros(n, dtype=np.int64)
             self.how_ = ["uniform"] * self.n_seeds
             return rng.choice(n, self.n_seeds, replace=False)
-        from recbole_llmk.knowledge.clustering import faiss_kmeans
+        from recbole_llmk.knowledge.kmeans import faiss_kmeans
 
         labels, centroids = faiss_kmeans(vectors, self.n_clusters, seed=self.seed)
         self.labels_, self.centroids_ = labels, centroids
