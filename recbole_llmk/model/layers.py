@@ -65,9 +65,8 @@ def expert_outputs(x, experts, gate):
     initialises them as before and checkpoints keep their names); the computation stacks them:
     the first layers of all experts and the gate are one matrix product over ``x`` (they read the
     same input), each later layer one batched product. Equal to running the experts one by one
-    (tests/test_reki.py checks outputs and gradients) at a fraction of the small ops: a batch's
-    ~1,000 distinct ids made eight small products per layer, which dominated a cheap backbone's
-    step (issue 36's profile of DeepFM_REKI)."""
+    (tests/test_reki.py checks outputs and gradients), with a few operations per layer instead of
+    one per expert; the arithmetic is the same (what that costs: docs/performance.md)."""
     layers = [[m for m in e.mlp_layers if isinstance(m, nn.Linear)] for e in experts]
     dropout = experts[0].dropout
     first = [expert[0] for expert in layers]
@@ -330,9 +329,11 @@ class FusedEmbedding(nn.Module):
         mode, no gradients) it is computed once and kept until a weight it depends on changes (a
         training step, a loaded checkpoint: tracked by each tensor's version counter and storage)."""
         if self.training or torch.is_grad_enabled():
-            return self._fuse(self.embedding.weight, torch.arange(self.num_embeddings, device=self.knowledge.device))
+            return self._whole_table()
         state = tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), self.knowledge))
         if self._evaluated is None or self._evaluated[0] != state:
-            ids = torch.arange(self.num_embeddings, device=self.knowledge.device)
-            self._evaluated = (state, self._fuse(self.embedding.weight, ids))
+            self._evaluated = (state, self._whole_table())
         return self._evaluated[1]
+
+    def _whole_table(self):
+        return self._fuse(self.embedding.weight, torch.arange(self.num_embeddings, device=self.knowledge.device))
