@@ -71,10 +71,8 @@ def check_choices(settings):
             raise ValueError(f"{name}: '{settings[name]}' is not one of {shown} (recbole_llmk/properties/ documents each)")
 
 
-def plugin_property_files(model_name, technique, dataset):
-    names = ["overall.yaml"]
-    if technique:
-        names.append(os.path.join("technique", f"{technique}.yaml"))
+def plugin_property_files(model_name, techniques, dataset):
+    names = ["overall.yaml"] + [os.path.join("technique", f"{t}.yaml") for t in techniques]
     names += [os.path.join("model", f"{model_name}.yaml"), os.path.join("dataset", f"{dataset}.yaml")]
     return [os.path.join(PROPERTIES, n) for n in names]
 
@@ -118,7 +116,8 @@ class LLMKConfig(Config):
         base = getattr(model_class, "base_model_name", model)
         super()._load_internal_config_dict(base, model_class, dataset)
         technique = getattr(model_class, "technique", None)
-        for file in plugin_property_files(model, technique, dataset):
+        techniques = getattr(model_class, "techniques", (technique,) if technique else ())
+        for file in plugin_property_files(model, techniques, dataset):
             if os.path.isfile(file):
                 self._update_internal_config_dict(file)
         self.internal_config_dict["base_model"] = base

@@ -120,7 +120,8 @@ def run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
     store = build_knowledge(config, train_data)
     knowledge_seconds = time.time() - start
     if run == "knowledge":
-        return {"knowledge_store": store.path if store else None, "knowledge_seconds": knowledge_seconds}
+        return {"knowledge_store": store.path if store else None, "knowledge_stores": config["knowledge_stores"],
+                "knowledge_seconds": knowledge_seconds}
     model = create_model(config, train_data)
     trainer = get_trainer(config)(config, model)
     best_valid_score, best_valid_result = trainer.fit(
@@ -135,6 +136,7 @@ def run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "knowledge_store": store.path if store else None,
+        "knowledge_stores": config["knowledge_stores"],  # every store of the run, by kind (composed models read several)
         "knowledge_seconds": knowledge_seconds,
         "model": model,
         "trainer": trainer,
@@ -161,7 +163,8 @@ def write_results(config, result, seconds):
     summary = {"model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
                "best_valid_result": dict(result["best_valid_result"] or {}),
                "test_result": dict(result["test_result"] or {}),
-               "knowledge_store": result["knowledge_store"], "knowledge_seconds": round(result["knowledge_seconds"], 2),
+               "knowledge_store": result["knowledge_store"], "knowledge_stores": result["knowledge_stores"],
+               "knowledge_seconds": round(result["knowledge_seconds"], 2),
                "seconds": round(seconds, 2), "best_model_file": getattr(result["trainer"], "saved_model_file", None),
                "log": logs[0], "device": str(config["device"]), "recbole_llmk": __version__,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -55,7 +55,7 @@ def get_recbole_model(name):
     raise ValueError(
         f"[{name}] is not a RecBole model. Use a RecBole model name (e.g. DeepFM, DIN, SASRec), "
         f"one of this plugin's models {sorted(NATIVE_MODELS)}, or <Model>_<Technique> with a "
-        f"technique in {sorted(TECHNIQUES)}."
+        f"technique in {sorted(TECHNIQUES)} (several compose: <Model>_ReLand_REKI)."
     )
 
 
@@ -64,10 +64,24 @@ def get_model(name):
     """Resolve ``name``: a plugin model, ``<Base>_<Technique>``, or a stock RecBole model."""
     if name in NATIVE_MODELS:
         return _load(NATIVE_MODELS[name])
-    base, sep, technique = name.rpartition("_")
-    if sep and technique in TECHNIQUES:
-        return _load(TECHNIQUES[technique])(get_recbole_model(base))
+    base, techniques = split_techniques(name)
+    if len(techniques) == 1:
+        return _load(TECHNIQUES[techniques[0]])(get_recbole_model(base))
+    if techniques:
+        from recbole_llmk.model.composed import composed_variant
+
+        return composed_variant(get_recbole_model(base), techniques)
     return get_recbole_model(name)
+
+
+def split_techniques(name):
+    """``("SASRec", ("ReLand", "REKI"))`` for ``SASRec_ReLand_REKI``: the base name and the
+    technique suffixes, in order (none for a stock model)."""
+    words = name.split("_")
+    techniques = []
+    while len(words) > 1 and words[-1] in TECHNIQUES:
+        techniques.insert(0, words.pop())
+    return "_".join(words), tuple(techniques)
 
 
 def base_model_name(config):

@@ -68,3 +68,21 @@ def test_trained_marks_come_from_the_sweep_s_last_record_of_each_run(tmp_path):
         passed = trained_variants(committed)
         marked = {f"{m}_{t}" for m, cells in coverage_table().items() for t, shown in cells.items() if shown == TRAINED}
         assert marked <= passed
+
+
+def composed_cells():
+    with open(os.path.join(ROOT, "docs", "coverage.md"), encoding="utf-8") as f:
+        rows = f.read().split(BEGIN, 1)[1].split(END, 1)[0].strip().splitlines()[2:]
+    return {cells[1]: cells[-1] for cells in ([c.strip() for c in row.strip("|").split("|")]
+                                              for row in rows if row.startswith("|"))}
+
+
+@pytest.mark.parametrize("model, expected", [("BPR", "✓ BPR_REKI_ReLand_LEARN"), ("SASRec", "✓ SASRec_REKI_ReLand_LEARN"),
+                                             ("DeepFM", "– one technique at a time: a context model takes knowledge as fields; techniques compose only")])
+def test_the_composed_column_comes_from_composing_the_supported_techniques(model, expected, workdir):
+    from recbole_llmk.coverage import composed_support
+
+    datasets = TrainingDatasets(str(workdir))
+    cells = {t: support(f"{model}_{t}", datasets) for t in TECHNIQUES}
+    assert composed_support(model, cells, datasets).startswith(expected)
+    assert composed_cells()[model].startswith(expected)

@@ -89,6 +89,7 @@ def provenance(config, store, seconds):
     import torch
     import transformers
 
+    stores = config["knowledge_stores"] or {}
     device = str(config["device"])
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
@@ -100,6 +101,7 @@ def provenance(config, store, seconds):
             "threads": torch.get_num_threads(), "device": device, "device_name": name,
             "store": os.path.basename(store.path) if store else None,
             "store_created": store.meta.get("created") if store else None,
+            **({"stores": {kind: os.path.basename(path) for kind, path in stores.items()}} if len(stores) > 1 else {}),
             "wall_seconds": round(seconds, 1)}
 
 

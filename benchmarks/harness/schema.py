@@ -8,11 +8,12 @@ from recbole_llmk.defaults import plugin_defaults
 
 
 def stock_of(model):
-    """The stock RecBole backbone of a variant (``DIN_REKI`` -> ``DIN``); None for a stock model."""
-    from recbole_llmk.utils import TECHNIQUES
+    """The stock RecBole backbone of a variant (``DIN_REKI`` -> ``DIN``, ``SASRec_ReLand_REKI`` ->
+    ``SASRec``); None for a stock model."""
+    from recbole_llmk.utils import split_techniques
 
-    base, _, technique = model.rpartition("_")
-    return base if base and technique in TECHNIQUES else None
+    base, techniques = split_techniques(model)
+    return base if techniques else None
 
 
 def load_suite(path):
@@ -133,7 +134,7 @@ class Placeholders(dict):
 # ran with that old value: ReLand had only the attention fusion; sampled evaluation (uni100, DIN's
 # quick start) drew other negatives for every cell.
 def reads_reland(model, settings):
-    return technique_of(model) == "ReLand"
+    return "ReLand" in techniques_of(model)
 
 
 def samples_at_evaluation(model, settings):
@@ -160,8 +161,11 @@ def file_label(label):
     return label.replace(os.sep, "_")
 
 
-def technique_of(model):
-    return model.rpartition("_")[2] if stock_of(model) else None
+def techniques_of(model):
+    """The techniques a model name carries, in order (``()`` for a stock model)."""
+    from recbole_llmk.utils import split_techniques
+
+    return split_techniques(model)[1]
 
 
 def is_stock(model):

@@ -22,7 +22,7 @@ before any knowledge is built (``check_fits``).
 from recbole.model.abstract_recommender import GeneralRecommender, SequentialRecommender
 from torch import nn
 
-from recbole_llmk.model.layers import FusedEmbedding, adapted, adapted_once
+from recbole_llmk.model.layers import HEIN, FusedEmbedding, adapted, adapted_once
 
 # General models without an ID table per user or item to fuse into, and why.
 NO_ID_TABLES = {
@@ -46,10 +46,12 @@ NO_SEQUENCE_REPRESENTATION = {
 
 
 def id_tables(model, side, n):
-    """Names of ``model``'s direct ``nn.Embedding`` children for ``side`` (``user``/``item``)
-    with one row per id (or one more, e.g. BERT4Rec's mask token)."""
+    """Names of ``model``'s direct ID embedding children for ``side`` (``user``/``item``): an
+    ``nn.Embedding`` (or one another technique already fused) with one row per id (or one more,
+    e.g. BERT4Rec's mask token)."""
     return [name for name, module in model.named_children()
-            if isinstance(module, nn.Embedding) and side in name and module.num_embeddings in (n, n + 1)]
+            if isinstance(module, (nn.Embedding, FusedEmbedding)) and side in name
+            and module.num_embeddings in (n, n + 1)]
 
 
 def fitting_variants(base_name, exclude):
@@ -59,7 +61,7 @@ def fitting_variants(base_name, exclude):
 
     fits = []
     for technique in TECHNIQUES:
-        if technique != exclude:
+        if technique not in exclude:
             try:
                 variant = get_model(f"{base_name}_{technique}")
             except ValueError:
@@ -70,14 +72,17 @@ def fitting_variants(base_name, exclude):
 
 
 class FusionTechnique:
-    """What a technique tells the fused families (its mixin implements both):
+    """What a technique tells the fused families (its mixin implements it; class methods, so a
+    model that composes several techniques asks each in turn):
 
     - ``fused_sides(config)``: the sides it fuses in this run;
     - ``fused_tables(config, dataset)``: ``{side: [n_ids, k] tensor}`` for those sides (the
       knowledge aligned to internal ids), or ``None`` for the ID-only model;
-    - ``side_fusion(config, side, dim, knowledge_dim)``: ``(adapter, fusion)`` for that side:
-      ``adapter`` (a trained module, or ``None``) maps a row of the side's table, ``fusion`` fuses a
-      ``dim``-wide embedding with the result (``fusion(e, t) -> e'``).
+    - ``side_fusion(model, config, side, dim, knowledge_dims, prefix)``: ``(adapter, fusion)`` for
+      that side: ``adapter`` (a trained module, or ``None``) maps a row of the side's table,
+      ``fusion`` fuses a ``dim``-wide embedding with the result (``fusion(e, t) -> e'``).
+      ``knowledge_dims`` is ``{side: k}`` of this technique's tables; a module the technique shares
+      between sides is set on ``model`` under a name starting with ``prefix``.
     """
 
     @classmethod
@@ -85,26 +90,43 @@ class FusionTechnique:
         """The sides this run fuses (checked before any knowledge is built)."""
         return ("user", "item")
 
-    def fused_tables(self, config, dataset):
+    @classmethod
+    def fused_tables(cls, config, dataset):
         raise NotImplementedError
 
-    def side_fusion(self, config, side, dim, knowledge_dim):
+    @classmethod
+    def side_fusion(cls, model, config, side, dim, knowledge_dims, prefix):
         raise NotImplementedError
 
 
-def fuse_tables(model, config, side, table):
+def fuse_tables(model, config, part, prefix, side, tables):
+    """Wrap every ``side`` ID table of ``model`` in a :class:`FusedEmbedding` of ``part``'s knowledge
+    (a table another technique fused is wrapped again: fusions apply in the order of the name)."""
+    table = tables[side]
     names = id_tables(model, side, len(table))
     if not names:
         raise ValueError(f"{type(model).__name__} has no {side} ID embedding table to fuse knowledge into")
+    dims = {s: t.shape[1] for s, t in tables.items()}
     for name in names:
         embedding = getattr(model, name)
-        adapter, fusion = model.side_fusion(config, side, embedding.embedding_dim, table.shape[1])
+        adapter, fusion = part.side_fusion(model, config, side, embedding.embedding_dim, dims, prefix)
         setattr(model, name, FusedEmbedding(embedding, table, fusion, adapter))
 
 
 class FusedFamily:
-    """The check both families share: refuse, before any knowledge is built (a behaviour model or
-    an LLM may run for minutes), a model without the ID tables the fusion needs."""
+    """What both families share: the techniques they fuse (:meth:`fusion_parts`), the check that
+    refuses, before any knowledge is built (a behaviour model or an LLM may run for minutes), a
+    model without the ID tables the fusion needs, and prestoring."""
+
+    @classmethod
+    def fusion_parts(cls):
+        """``[(prefix, technique)]`` in the order the fusions apply: the variant's own technique
+        (prefix ``""``), or each technique a composed model names (``model.composed``), the later
+        ones prefixing the modules they add to the model with their name."""
+        parts = getattr(cls, "parts", None)
+        if parts is None:
+            return [("", cls)]
+        return [("" if i == 0 else f"{part.technique.lower()}_", part) for i, part in enumerate(parts)]
 
     @classmethod
     def check_fits(cls, config, dataset):
@@ -117,12 +139,25 @@ class FusedFamily:
         sides = [s for s in cls.fused_sides(config) if s in cls.table_sides]
         for side in sides:
             if not id_tables(model, side, dataset.num(config[f"{side.upper()}_ID_FIELD"])):
-                others = fitting_variants(base.__name__, exclude=cls.technique)
+                others = fitting_variants(base.__name__, exclude=cls.technique.split("_"))
                 raise ValueError(
                     f"{cls.__name__} is not supported: {base.__name__} has no {side} ID embedding table (a direct "
                     f"nn.Embedding attribute named *{side}* with a row per {side}) for the fusion of "
                     f"{cls.technique} knowledge. Checked before any knowledge was built."
                     + (f" What fits {base.__name__}: {', '.join(others)}." if others else ""))
+
+    def prestore_knowledge(self, drop_adapter=False):
+        """Run every trained adapter (HEIN) once over its whole table and serve the output (REKI's
+        deployment); ``drop_adapter``: delete the adapters' modules, now unused."""
+        for module in self.modules():
+            if isinstance(module, FusedEmbedding):
+                module.prestore()
+        if hasattr(self, "prestore_fused"):
+            self.prestore_fused()
+        if drop_adapter:
+            for name, module in list(self.named_children()):
+                if isinstance(module, HEIN):
+                    delattr(self, name)
 
 
 class FusedGeneral(FusedFamily, GeneralRecommender):
@@ -132,14 +167,16 @@ class FusedGeneral(FusedFamily, GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        tables = self.fused_tables(config, dataset)
-        for side in (tables or {}):
-            fuse_tables(self, config, side, tables[side])
+        for prefix, part in self.fusion_parts():
+            tables = part.fused_tables(config, dataset)
+            for side in (tables or {}):
+                fuse_tables(self, config, part, prefix, side, tables)
 
 
 class FusedSequential(FusedFamily, SequentialRecommender):
     """Placed before a sequential model in the MRO: fuses item tables, and the batch users'
-    knowledge into the sequence representation ``forward`` returns."""
+    knowledge into the sequence representation ``forward`` returns (each technique's in turn:
+    ``<prefix>user_knowledge``, ``<prefix>user_adapter``, ``<prefix>user_fusion``)."""
 
     table_sides = ("item",)  # the user side fuses into forward's output; items are scored
 
@@ -147,24 +184,32 @@ class FusedSequential(FusedFamily, SequentialRecommender):
         super().__init__(config, dataset)
         self._batch_users = None
         self.user_fusion = self.user_adapter = None
-        tables = self.fused_tables(config, dataset)
-        if tables is None:
-            return
+        self.user_prefixes = []
+        for prefix, part in self.fusion_parts():
+            tables = part.fused_tables(config, dataset)
+            if tables is not None:
+                self._fuse_part(config, part, prefix, tables)
+
+    def _fuse_part(self, config, part, prefix, tables):
         items = id_tables(self, "item", self.n_items)
         if not items:
             raise ValueError(f"{type(self).__name__} has no item ID embedding table")
         dim = getattr(self, items[0]).embedding_dim  # sequence representations are scored against it
         if "item" in tables:
-            fuse_tables(self, config, "item", tables["item"])
+            fuse_tables(self, config, part, prefix, "item", tables)
         if "user" in tables:
             self.USER_ID = config["USER_ID_FIELD"]
-            self.register_buffer("user_knowledge", tables["user"], persistent=False)
-            self.user_adapter, self.user_fusion = self.side_fusion(config, "user", dim, tables["user"].shape[1])
+            self.register_buffer(f"{prefix}user_knowledge", tables["user"], persistent=False)
+            dims = {s: t.shape[1] for s, t in tables.items()}
+            adapter, fusion = part.side_fusion(self, config, "user", dim, dims, prefix)
+            setattr(self, f"{prefix}user_adapter", adapter)
+            setattr(self, f"{prefix}user_fusion", fusion)
+            self.user_prefixes.append(prefix)
             self.sequence_dim = dim
 
     def forward(self, *args, **kwargs):
         output = super().forward(*args, **kwargs)
-        if self.user_fusion is None:
+        if not self.user_prefixes:
             return output
         users = self._batch_users
         if users is None or output.shape[0] != users.shape[0] or output.shape[-1] != self.sequence_dim:
@@ -172,10 +217,13 @@ class FusedSequential(FusedFamily, SequentialRecommender):
                 f"{type(self).__name__}: the user's knowledge is fused into forward's sequence representation, "
                 "but forward was called outside calculate_loss/predict/full_sort_predict or returned "
                 f"something else (shape {tuple(output.shape)})")
-        return self.user_fusion(output, adapted(self.user_adapter, self.user_knowledge, users))
+        for prefix in self.user_prefixes:
+            knowledge = adapted(getattr(self, f"{prefix}user_adapter"), getattr(self, f"{prefix}user_knowledge"), users)
+            output = getattr(self, f"{prefix}user_fusion")(output, knowledge)
+        return output
 
     def _with_users(self, method, interaction):
-        self._batch_users = interaction[self.USER_ID] if self.user_fusion is not None else None
+        self._batch_users = interaction[self.USER_ID] if self.user_prefixes else None
         try:
             return method(interaction)
         finally:
@@ -183,8 +231,12 @@ class FusedSequential(FusedFamily, SequentialRecommender):
 
     def prestore_fused(self):
         """Adapt the user knowledge once, as the item tables do (``FusedEmbedding.prestore``)."""
-        if self.user_adapter is not None:
-            self.user_knowledge, self.user_adapter = adapted_once(self.user_adapter, self.user_knowledge), None
+        for prefix in self.user_prefixes:
+            adapter = getattr(self, f"{prefix}user_adapter")
+            if adapter is not None:
+                knowledge = adapted_once(adapter, getattr(self, f"{prefix}user_knowledge"))
+                setattr(self, f"{prefix}user_knowledge", knowledge)
+                setattr(self, f"{prefix}user_adapter", None)
 
     def calculate_loss(self, interaction):
         return self._with_users(super().calculate_loss, interaction)
@@ -196,17 +248,21 @@ class FusedSequential(FusedFamily, SequentialRecommender):
         return self._with_users(super().full_sort_predict, interaction)
 
 
+def fused_family(base, name):
+    """The fused family of ``base`` (a RecBole model class), or a ValueError naming why none fits
+    (``name``: the variant asked for)."""
+    if base.__name__ in NO_ID_TABLES:
+        raise ValueError(f"{name} is not supported: {base.__name__} is {NO_ID_TABLES[base.__name__]}.")
+    if issubclass(base, SequentialRecommender):
+        return FusedSequential
+    if issubclass(base, GeneralRecommender):
+        return FusedGeneral
+    raise ValueError(f"{name} is not a fused variant: {base.__name__} is a {base.type.name.lower()} model.")
+
+
 def fused_variant(base, technique_mixin, suffix, doc):
     """``<Base>_<suffix>`` for a general or sequential RecBole model: ``technique_mixin`` (a
     :class:`FusionTechnique`) before the family's mixin before ``base``."""
-    name = base.__name__
-    if name in NO_ID_TABLES:
-        raise ValueError(f"{name}_{suffix} is not supported: {name} is {NO_ID_TABLES[name]}.")
-    if issubclass(base, SequentialRecommender):
-        family = FusedSequential
-    elif issubclass(base, GeneralRecommender):
-        family = FusedGeneral
-    else:
-        raise ValueError(f"{name}_{suffix} is not a fused variant: {name} is a {base.type.name.lower()} model.")
-    return type(f"{name}_{suffix}", (technique_mixin, family, base),
-                {"__doc__": doc, "base_model_name": name, "__module__": technique_mixin.__module__})
+    family = fused_family(base, f"{base.__name__}_{suffix}")
+    return type(f"{base.__name__}_{suffix}", (technique_mixin, family, base),
+                {"__doc__": doc, "base_model_name": base.__name__, "__module__": technique_mixin.__module__})

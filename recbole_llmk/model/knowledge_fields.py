@@ -26,9 +26,9 @@ from recbole.model.abstract_recommender import ContextRecommender, GeneralRecomm
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
-from recbole_llmk.model.fusion import FusionTechnique, fused_variant
-from recbole_llmk.model.layers import HEIN, ConcatInput, FusedEmbedding, HEINSide, KnowledgeFields, make_fusion
-from recbole_llmk.model.technique import KnowledgeTechnique
+from recbole_llmk.model.fusion import FusedFamily, FusionTechnique, fused_variant
+from recbole_llmk.model.layers import HEIN, ConcatInput, HEINSide, KnowledgeFields, make_fusion
+from recbole_llmk.model.technique import KnowledgeTechnique, store_path
 
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
@@ -47,7 +47,7 @@ def knowledge_tables(store_technique, config, dataset):
 
     Each side reads the store kinds its technique wrote (``knowledge_kinds``: e.g. individual
     REKI ``user`` / ``item``; REKI-C adds cluster and history kinds), concatenated in that order."""
-    store = KnowledgeStore.open(config["knowledge_store"])
+    store = KnowledgeStore.open(store_path(config, store_technique))
     store.check({"technique": store_technique, "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
     kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}
@@ -79,28 +79,23 @@ class KnowledgeFusion(FusionTechnique):
     default: ``e' = e + g ⊙ HEIN(t)``, ``g`` from zero, so the variant starts as the stock model;
     where each side enters is :mod:`recbole_llmk.model.fusion`'s rule, shared with ReLand)."""
 
-    def fused_tables(self, config, dataset):
-        user, item = knowledge_tables(self.store_technique, config, dataset)
-        self.knowledge_dims = (user.shape[1], item.shape[1])
+    @classmethod
+    def fused_tables(cls, config, dataset):
+        user, item = knowledge_tables(cls.store_technique, config, dataset)
         return {"user": torch.from_numpy(user), "item": torch.from_numpy(item)}
 
-    def side_fusion(self, config, side, dim, knowledge_dim):
-        if getattr(self, "hein", None) is None:  # one HEIN for both sides (its shared experts)
-            self.hein = HEIN.from_config(*self.knowledge_dims, dim, config)
-        if self.hein.user_out.out_features != dim:
-            raise ValueError(f"{type(self).__name__}: its {side} ID table is {dim}-wide and another "
-                             f"{self.hein.user_out.out_features}-wide; one HEIN cannot serve both")
-        return HEINSide(self.hein, side), make_fusion(config["hein_fusion"], dim, dim, "hein_fusion")
+    @classmethod
+    def side_fusion(cls, model, config, side, dim, knowledge_dims, prefix):
+        name = f"{prefix}hein"  # one HEIN for both sides (its shared experts)
+        if getattr(model, name, None) is None:
+            setattr(model, name, HEIN.from_config(knowledge_dims["user"], knowledge_dims["item"], dim, config))
+        hein = getattr(model, name)
+        if hein.user_out.out_features != dim:
+            raise ValueError(f"{type(model).__name__}: its {side} ID table is {dim}-wide and another "
+                             f"{hein.user_out.out_features}-wide; one HEIN cannot serve both")
+        return HEINSide(hein, side), make_fusion(config["hein_fusion"], dim, dim, "hein_fusion")
 
-    def prestore_knowledge(self, drop_adapter=False):
-        """Run HEIN once over every user and item and serve its output (REKI's deployment)."""
-        for module in self.modules():
-            if isinstance(module, FusedEmbedding):
-                module.prestore()
-        if hasattr(self, "prestore_fused"):
-            self.prestore_fused()
-        if drop_adapter:
-            del self.hein
+    prestore_knowledge = FusedFamily.prestore_knowledge  # the fused tables', not KnowledgeMixin's fields'
 
 
 class KnowledgeContext(ContextRecommender):

@@ -30,7 +30,7 @@ from recbole_llmk.knowledge.history import split_fingerprint, training_interacti
 from recbole_llmk.knowledge.store import KnowledgeStore, run_table
 from recbole_llmk.model.fusion import FusionTechnique, fused_variant
 from recbole_llmk.model.layers import make_fusion
-from recbole_llmk.model.technique import KnowledgeTechnique
+from recbole_llmk.model.technique import KnowledgeTechnique, store_path
 from recbole_llmk.techniques.reland import uses_side
 
 
@@ -57,18 +57,20 @@ class ReLandMixin(KnowledgeTechnique, FusionTechnique):
 
         return reland_requests(config, dataset)
 
-    def fused_tables(self, config, dataset):
+    @classmethod
+    def fused_tables(cls, config, dataset):
         """The ReLand store's tables for the sides the run fuses, aligned to ``dataset``'s internal ids."""
-        sides = self.fused_sides(config)
+        sides = cls.fused_sides(config)
         if not sides:
             return None
-        store = KnowledgeStore.open(config["knowledge_store"])
+        store = KnowledgeStore.open(store_path(config, "ReLand"))
         store.check({"technique": "ReLand", "dataset": config["dataset"],
                      "split": split_fingerprint(training_interactions(dataset))})
         return {side: torch.from_numpy(run_table(store, config, dataset, side, side)) for side in sides}
 
-    def side_fusion(self, config, side, dim, knowledge_dim):
-        return None, fusion(config, side, dim, knowledge_dim)
+    @classmethod
+    def side_fusion(cls, model, config, side, dim, knowledge_dims, prefix):
+        return None, fusion(config, side, dim, knowledge_dims[side])
 
 
 @lru_cache(maxsize=None)

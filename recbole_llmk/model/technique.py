@@ -13,6 +13,10 @@ Everything else is shared: the knowledge pipeline builds the store the settings 
 (prompts, generation, encoding, store), and the quick start calls ``prepare_knowledge`` before the
 model is built. A model family that needs something of the base model (ID tables to fuse into)
 adds ``check_fits``, which runs first, before any knowledge is built.
+
+Each store's path is recorded under its kind in ``config["knowledge_stores"]`` (a model that
+composes techniques reads several; :func:`store_path`), and the last one built in
+``config["knowledge_store"]``.
 """
 
 from __future__ import annotations
@@ -45,16 +49,22 @@ class KnowledgeTechnique:
 
     @classmethod
     def prepare_knowledge(cls, config: Config, train_data: AbstractDataLoader) -> Optional[KnowledgeStore]:
-        """Build (or reuse) the run's store; its path becomes ``config["knowledge_store"]``."""
-        from recbole_llmk.knowledge.pipeline import ensure_store
-
+        """Check that the model fits, then build (or reuse) the run's store (:meth:`build_store`)."""
         if hasattr(cls, "check_fits"):
             cls.check_fits(config, train_data._dataset)
+        return cls.build_store(config, train_data)
+
+    @classmethod
+    def build_store(cls, config: Config, train_data: AbstractDataLoader) -> Optional[KnowledgeStore]:
+        """Build (or reuse) this technique's store and record its path (:func:`store_path`)."""
+        from recbole_llmk.knowledge.pipeline import ensure_store
+
         planned = cls.knowledge_plan(config, training_dataset(train_data))
         if planned is None:
             return None
         store = ensure_store(config, *planned)
         if store is not None:  # None: an encoding shard (--run=knowledge --encoding_shard=[i,N]) writes no store
+            config["knowledge_stores"] = dict(config["knowledge_stores"] or {}, **{cls.store_technique: store.path})
             config["knowledge_store"] = store.path
         return store
 
@@ -63,3 +73,12 @@ class KnowledgeTechnique:
         """``{"all": [Request]}`` the run's knowledge needs (for batch export and import)."""
         planned = cls.knowledge_plan(config, training_dataset(train_data))
         return {"all": planned[1]().requests if planned else []}
+
+
+def store_path(config: Config, store_technique: str) -> str:
+    """The path of the run's store of kind ``store_technique`` (``build_store`` recorded it)."""
+    path = (config["knowledge_stores"] or {}).get(store_technique)
+    if path is None:
+        raise ValueError(f"no {store_technique} knowledge store was built for this run: build the model's "
+                         "knowledge first (the quick start's prepare_knowledge, or --run=knowledge)")
+    return path

@@ -1,0 +1,113 @@
+"""Techniques composed in one model (``<Base>_<T1>_<T2>``): each technique's store, each fusion in
+turn, through RecBole's own trainer and full-sort evaluator."""
+
+import pytest
+import torch
+
+from recbole_llmk.knowledge.store import KnowledgeStore
+from recbole_llmk.model.layers import HEIN, FusedEmbedding
+from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
+from recbole_llmk.utils import get_model, split_techniques
+
+
+@pytest.fixture
+def composed_config(tiny_config):
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_behaviour_epochs=1,
+                  reland_behaviour_config={"embedding_size": 8}, reland_seed_ratio=0.2, reland_n_clusters=3,
+                  hidden_size=8, inner_size=16, n_layers=1, n_heads=1,
+                  eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"})
+    return config
+
+
+def sequential(config):
+    return dict(config, train_neg_sample_args=None)  # RecBole's sequential models train with CE over all items
+
+
+def test_names_parse_into_a_base_and_its_techniques_in_order():
+    assert split_techniques("SASRec_ReLand_REKI") == ("SASRec", ("ReLand", "REKI"))
+    assert split_techniques("BPR_REKI") == ("BPR", ("REKI",))
+    assert split_techniques("DeepFM") == ("DeepFM", ())
+    assert [p.technique for p in get_model("BPR_REKI_ReLand").parts] == ["REKI", "ReLand"]
+
+
+@pytest.mark.parametrize("name", ["SASRec_ReLand_REKI", "BPR_REKI_ReLand"])
+def test_a_composed_model_builds_every_store_fuses_each_in_turn_and_trains(composed_config, name):
+    config = sequential(composed_config) if name.startswith("SASRec") else composed_config
+    result = run_recbole_llmk(name, "tiny", config_dict=config)
+    assert set(result["test_result"]) == {"hit@10", "ndcg@10"}
+    model = result["model"]
+    stores = {technique: KnowledgeStore.open(path).meta["technique"]
+              for technique, path in result["knowledge_stores"].items()}
+    assert stores == {"ReLand": "ReLand", "REKI": "REKI"}
+    outer = model.item_embedding  # the second technique's fusion wraps the first's
+    assert isinstance(outer, FusedEmbedding) and isinstance(outer.embedding, FusedEmbedding)
+    assert isinstance(outer.embedding.embedding, torch.nn.Embedding)
+    if name.startswith("SASRec"):  # both users' knowledge joins the sequence representation, ReLand's first
+        assert model.user_prefixes == ["", "reki_"] and isinstance(model.reki_hein, HEIN)
+    else:
+        assert isinstance(model.user_embedding.embedding, FusedEmbedding) and isinstance(model.hein, HEIN)
+
+
+@pytest.mark.parametrize("base", ["BPR", "SASRec"])
+def test_a_composed_model_starts_as_the_stock_model_and_prestores_to_the_same_scores(composed_config, base):
+    """Every default fusion starts as the identity, so the composition does too; prestoring HEIN's
+    output (and dropping HEIN) serves the same scores."""
+    config = sequential(composed_config) if base == "SASRec" else composed_config
+    scores = {}
+    for name in (base, f"{base}_ReLand_REKI"):
+        cfg, _, train_data, _, test_data = prepare(name, "tiny", config_dict=config)
+        build_knowledge(cfg, train_data)
+        model = create_model(cfg, train_data).eval()
+        batch = next(iter(test_data))[0]
+        with torch.no_grad():
+            scores[name] = model.full_sort_predict(batch)
+            if name != base:
+                for module in model.modules():  # move every fusion off the identity, as training would
+                    for parameter in module.parameters(recurse=False):
+                        parameter.add_(0.05)
+                moved = model.full_sort_predict(batch)
+                model.prestore_knowledge(drop_adapter=True)
+                assert not any(isinstance(m, HEIN) for m in model.children())
+                assert torch.allclose(model.full_sort_predict(batch), moved, atol=1e-5)
+    assert torch.allclose(scores[base], scores[f"{base}_ReLand_REKI"], atol=1e-5)
+    assert not torch.allclose(scores[base], moved, atol=1e-3)
+
+
+def test_every_named_techniques_defaults_are_loaded(composed_config):
+    config = prepare("BPR_ReLand_REKI", "tiny", config_dict=composed_config)[0]
+    assert config["reki_knowledge"] == "individual" and config["reland_user_fusion"] == "gate"
+    assert config["technique"] == "ReLand_REKI" and config["base_model"] == "BPR"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("DeepFM_REKI_LEARN", "one technique at a time: a context model takes knowledge as fields.*What fits DeepFM: DeepFM_REKI, DeepFM_LEARN"),
+    ("DeepFM_ReLand_REKI", "one technique at a time: a context model"),
+    ("DIN_REKI_ReLand", "one technique at a time: DIN_REKI adds knowledge fields"),
+    ("SASRec_REKI_REKI", "names a technique twice"),
+    ("Pop_ReLand_REKI", "Pop_ReLand_REKI is not supported: Pop is not a learned model"),
+])
+def test_a_composition_that_cannot_fuse_is_refused_by_name(name, message):
+    with pytest.raises(ValueError, match=message):
+        get_model(name)
+
+
+def test_a_model_without_a_table_is_refused_before_any_knowledge_is_built(composed_config, tmp_path):
+    config = dict(composed_config, knowledge_dir=str(tmp_path / "knowledge"))
+    with pytest.raises(ValueError, match="FISM_ReLand_REKI is not supported: FISM"):
+        run_recbole_llmk("FISM_ReLand_REKI", "tiny", config_dict=config)
+    assert not (tmp_path / "knowledge").exists()
+
+
+def test_a_composed_model_reuses_each_techniques_own_store(composed_config):
+    """Each technique's store is the one its one-technique variant builds: composing costs no
+    knowledge that was already built."""
+    config = sequential(composed_config)
+
+    def stores_of(name):
+        cfg, _, train_data, _, _ = prepare(name, "tiny", config_dict=config)
+        build_knowledge(cfg, train_data)
+        return cfg["knowledge_stores"]
+
+    alone = {**stores_of("SASRec_ReLand"), **stores_of("SASRec_REKI")}
+    assert stores_of("SASRec_ReLand_REKI") == alone and set(alone) == {"ReLand", "REKI"}
