@@ -60,7 +60,7 @@ def choices():
 
     return {"knowledge_control": (None, *CONTROLS), "reland_user_fusion": tuple(FUSIONS),
             "reland_item_fusion": tuple(FUSIONS), "hein_fusion": tuple(FUSIONS), "reland_retrieval": RETRIEVALS,
-            "distributed_backend": (None, *BACKENDS)}
+            "distributed_backend": (None, *BACKENDS), "knowledge_vector_dtype": ("float32", "float16")}
 
 
 def check_choices(settings):

@@ -478,3 +478,23 @@ def test_encoding_shards_fill_the_cache_and_the_store_then_encodes_nothing(tiny_
         run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, encoding_shard=[2, 2]), run="knowledge")
     with pytest.raises(ValueError, match="use it with --run=knowledge"):
         run_recbole_llmk("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, encoding_shard=[0, 2]))
+
+
+def test_a_float16_store_is_its_own_store_half_the_size_and_models_read_float32(tiny_config):
+    from recbole_llmk.model.knowledge_fields import knowledge_tables
+
+    tables, stores = {}, {}
+    for dtype in ("float32", "float16"):
+        config, dataset, train_data, _, _ = prepare("DeepFM_REKI", "tiny", config_dict=dict(
+            tiny_config, knowledge_vector_dtype=dtype))
+        stores[dtype] = build_knowledge(config, train_data)
+        tables[dtype] = knowledge_tables("REKI", config, train_data._dataset)
+    half, full = (np.load(os.path.join(stores[d].path, "item.vectors.npy"), mmap_mode="r") for d in ("float16", "float32"))
+    assert half.dtype == np.float16 and full.dtype == np.float32 and half.shape == full.shape
+    assert stores["float16"].path != stores["float32"].path and stores["float16"].meta["vector_dtype"] == "float16"
+    assert "vector_dtype" not in stores["float32"].meta  # float32 stores keep the names they had
+    for half_table, full_table in zip(tables["float16"], tables["float32"]):
+        assert half_table.dtype == np.float32
+        np.testing.assert_allclose(half_table, full_table, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="knowledge_vector_dtype: 'int8' is not one of float32 | float16"):
+        prepare("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, knowledge_vector_dtype="int8"))

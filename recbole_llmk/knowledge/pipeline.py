@@ -48,6 +48,8 @@ def store_settings(config, technique, split, prompt_digest):
         settings["text_files"] = text_files
     if (setting(config, "encoder_truncation")) != "head":  # likewise: only when not the default
         settings["encoder_truncation"] = config["encoder_truncation"]
+    if setting(config, "knowledge_vector_dtype") != "float32":  # likewise
+        settings["vector_dtype"] = config["knowledge_vector_dtype"]
     return settings
 
 

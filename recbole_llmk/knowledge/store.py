@@ -2,7 +2,8 @@
 
 A store is a folder: per entity kind (``user``, ``item``, or any other name a technique uses)
 ``<kind>.tokens.json`` (raw tokens), ``<kind>.rows.npy`` (int32, one per token: its row in the
-next file), ``<kind>.vectors.npy`` (float32, each distinct vector once) and ``<kind>.texts.jsonl``
+next file), ``<kind>.vectors.npy`` (float32, or float16 when ``meta["vector_dtype"]`` says so:
+half the disk and the pages read; each distinct vector once) and ``<kind>.texts.jsonl``
 (each distinct text once with the tokens that have it, for people to read), plus ``meta.json``
 (encoder, dim, generation backend/model, prompt-template hashes, dataset, split fingerprint,
 costs). Collective knowledge gives a whole cluster one text; storing it once per cluster instead
@@ -44,7 +45,9 @@ class KnowledgeStore:
         """``entries``: kind -> (tokens, vectors, texts); ``files``: extra things to keep with the
         store, ``{name: text}``, or ``{name: writer}`` where ``writer(path)`` saves a folder (e.g.
         a clusterer's ``save``). Written to a temp name, then renamed, so an interrupted build
-        never leaves a store that looks complete."""
+        never leaves a store that looks complete. Vectors are kept as ``meta["vector_dtype"]``
+        (default float32); a model always reads float32 (:meth:`aligned`)."""
+        dtype = np.dtype(meta.get("vector_dtype", "float32"))
         with written_whole(path) as tmp:
             os.makedirs(tmp)
             for name, content in (files or {}).items():
@@ -56,7 +59,7 @@ class KnowledgeStore:
             for kind, (tokens, vectors, texts) in entries.items():
                 if len(tokens) != len(vectors) or len(tokens) != len(texts):
                     raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")
-                _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors, dtype=np.float32), texts)
+                _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors, dtype=dtype), texts)
             meta = dict(meta, kinds=sorted(entries), dims={k: int(np.asarray(v[1]).shape[1]) for k, v in entries.items()})
             with open(os.path.join(tmp, cls.META), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
