@@ -640,3 +640,37 @@ def test_hf_backend_generates_in_batches_and_caches(tmp_path, template):
 
     fresh, _ = make_backend(config, str(tmp_path / "other-cache")).generate(requests)
     assert fresh == answers  # greedy decoding at temperature 0, whatever the batch padding
+
+
+def test_several_sending_processes_send_every_prompt_once_and_count_it(server, tmp_path, caplog):
+    requests = make_requests(40) + [Request("item:twin", make_requests(1)[0].prompt, "twin")]
+    caplog.set_level(logging.INFO)
+    answers, report = make_backend(openai_config(server, llm_processes=2), str(tmp_path)).generate(requests)
+    assert answers == {r.key: answer_for(r.prompt) for r in requests}
+    assert (report.requested, report.cached, report.called, report.failed) == (41, 0, 40, 0)
+    assert report.prompt_tokens > 0 and server.received == 40 and set(server.answered.values()) == {1}
+    senders = [line for line in caplog.messages if line.startswith("LLM prompts sent by")]
+    pids = {int(pid) for pid in __import__("re").findall(r"process (\d+): 20", senders[0])}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert len(LLMCache(str(tmp_path))) == 40
+    again, report = make_backend(openai_config(server, llm_processes=2), str(tmp_path)).generate(requests)
+    assert again == answers and (report.cached, report.called, server.received) == (41, 0, 40)
+
+
+def test_a_failing_prompt_in_one_sending_process_fails_the_run_and_the_rest_is_cached(server, tmp_path):
+    requests = make_requests(12) + [Request("item:poison", "POISON prompt", "p")]
+    server.fail_prompts_containing("POISON", "400")
+    with pytest.raises(GenerationError, match="1 of 13 requests got no answer") as info:
+        make_backend(openai_config(server, llm_processes=3), str(tmp_path)).generate(requests)
+    assert info.value.report.failed == 1 and len(LLMCache(str(tmp_path))) == 12
+
+
+def test_a_dead_endpoint_stops_every_sending_process_in_seconds(tmp_path):
+    from llama_server import free_port
+
+    config = {"llm_backend": "openai", "llm_model": "m", "llm_base_url": f"http://127.0.0.1:{free_port()}/v1",
+              "llm_backoff": 0.05, "llm_concurrency": 4, "llm_processes": 2}
+    start = time.time()
+    with pytest.raises(GenerationError, match="got no answer for 10 calls in a row"):
+        make_backend(config, str(tmp_path)).generate(make_requests(200))
+    assert time.time() - start < 30  # two spawned interpreters start, each trips its own breaker

@@ -32,6 +32,9 @@ Config keys (all optional; a missing key or ``None`` means its default, in
   llm_concurrency    openai: parallel requests at most; fewer when the server says it has fewer
                      slots (llama.cpp's /props), and halved each time requests time out waiting
                      in a server's queue (a serial server)
+  llm_processes      openai: processes that send (each with its share of llm_concurrency and of
+                     the prompts): one Python process builds ~500 requests/s at most (the SDK
+                     and httpx), less than a fast server (vLLM on a GPU) answers
   llm_timeout        openai: seconds per request, the whole answer included (a server that
                      drips bytes cannot hold one longer)
   llm_max_retries    openai: retries per prompt on 429, 5xx, timeouts, connection errors and
@@ -158,6 +161,7 @@ class LLMSettings:
     base_url: str
     api_key_env: str
     concurrency: int
+    processes: int
     timeout: float
     max_retries: int
     max_consecutive_failures: int
@@ -177,7 +181,7 @@ class LLMSettings:
     def from_config(cls, config):
         values = {f.name: setting(config, f"llm_{f.name}") for f in fields(cls) if f.name != "device"}
         values["device"] = (config["device"] if "device" in config else None) or "cpu"
-        for name in ("concurrency", "max_retries", "max_tokens", "batch_size", "bad_answer_retries",
+        for name in ("concurrency", "processes", "max_retries", "max_tokens", "batch_size", "bad_answer_retries",
                      "max_consecutive_failures"):
             values[name] = int(values[name])
         for name in ("timeout", "backoff", "temperature", "bad_answer_temperature"):
@@ -193,7 +197,7 @@ class LLMSettings:
     def validate(self):
         if self.backend not in BACKENDS:
             raise GenerationError(f"llm_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-        for name in ("concurrency", "batch_size", "max_tokens", "max_consecutive_failures"):
+        for name in ("concurrency", "processes", "batch_size", "max_tokens", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise GenerationError(f"llm_{name} must be at least 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0:

@@ -6,17 +6,21 @@ the settings).
 import json
 import logging
 import os
+import queue
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
+from dataclasses import replace
 from urllib.parse import parse_qsl, urlsplit
 
 from tqdm import tqdm
 
 from recbole_llmk.knowledge.answer_quality import assess
 from recbole_llmk.knowledge.deadline import http_client
-from recbole_llmk.knowledge.generation import ABORT_STATUSES, MAX_BACKOFF, GenerationError, _CachedBackend
+from recbole_llmk.knowledge.generation import (ABORT_STATUSES, MAX_BACKOFF, GenerationError, GenerationReport, _CachedBackend,
+                                               _Tally)
+from recbole_llmk.knowledge.llm_cache import LLMCache
 from recbole_llmk.logs import public_url, redact, url_secrets
 
 class _Malformed(Exception):
@@ -222,10 +226,17 @@ class OpenAIBackend(_CachedBackend):
         client = self._client()
         if self._limit is None:
             self._check_server(client)
+        processes = min(self.settings.processes, self._limit.limit, len(jobs))
+        if processes > 1:
+            return self._run_in_processes(jobs, tally, processes)
+        with tqdm(total=len(jobs), desc=f"LLM {self.model_id}", unit="prompt") as bar:
+            return self._send(client, jobs, tally, bar.update)
+
+    def _send(self, client, jobs, tally, done):
+        """Send ``jobs`` from this process's threads (``done(1)`` as each ends); -> {hash: error}."""
         self._breaker = _Breaker(self.settings.max_consecutive_failures)
         stop = threading.Event()
         failures = {}
-        bar = tqdm(total=len(jobs), desc=f"LLM {self.model_id}", unit="prompt")
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="llm")
         try:
             futures = {pool.submit(self._answer, client, job, tally, stop): job for job in jobs}
@@ -233,7 +244,7 @@ class OpenAIBackend(_CachedBackend):
                 error = future.result()
                 if error is not None:
                     failures[futures[future].hash] = error
-                bar.update(1)
+                done(1)
         except _AbortRun as exc:
             stop.set()
             raise GenerationError(str(exc), report=tally.report) from None
@@ -242,7 +253,56 @@ class OpenAIBackend(_CachedBackend):
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
+        return failures
+
+    def _run_in_processes(self, jobs, tally, processes):
+        """``llm_processes`` sending processes, each with its share of the jobs and of the in-flight
+        limit, past what one Python process's request building can send (the openai SDK and httpx
+        cost ~2 ms of CPU a request). Each caches its answers as they arrive, in the cache every
+        process shares (claims keep a prompt from being paid twice); this one gathers their counts
+        and failures and then reads their answers from the cache."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
+        share = replace(self.settings, processes=1, concurrency=-(-self._limit.limit // processes))
+        messages = context.Queue()
+        workers = [context.Process(target=send_shard, daemon=True, name=f"llm-sender-{i}",
+                                   args=(share, self.cache.path, jobs[i::processes], messages))
+                   for i in range(processes)]
+        for worker in workers:
+            worker.start()
+        failures, errors, results, senders = {}, [], 0, []
+        try:
+            with tqdm(total=len(jobs), desc=f"LLM {self.model_id} ({processes} processes)", unit="prompt") as bar:
+                while results < processes:
+                    try:
+                        message = messages.get(timeout=1.0)
+                    except queue.Empty:
+                        dead = [w for w in workers if w.exitcode not in (None, 0)]
+                        if dead:
+                            raise GenerationError(f"LLM sending process {dead[0].name} died (exit code "
+                                                  f"{dead[0].exitcode}); the answers it received are cached: rerun "
+                                                  "to send only the prompts still missing", report=tally.report)
+                        continue
+                    if message[0] == "done":
+                        bar.update(message[1])
+                        continue
+                    _, shard_failures, counts, error, sender = message
+                    senders.append(sender)
+                    results += 1
+                    failures.update(shard_failures)
+                    tally.add(**counts)
+                    if error:
+                        errors.append(error)
+        finally:
+            for worker in workers:
+                worker.join(timeout=30)
+                if worker.is_alive():  # e.g. Ctrl-C here: the senders stop too (their answers are cached)
+                    worker.terminate()
+        self.cache.refresh()  # the senders' answers
+        logging.getLogger().info("LLM prompts sent by " + ", ".join(f"process {pid}: {n}" for pid, n in senders))
+        if errors:
+            raise GenerationError(errors[0], report=tally.report)
         return failures
 
     def _answer(self, client, job, tally, stop):
@@ -345,3 +405,23 @@ class OpenAIBackend(_CachedBackend):
                 f"Nothing more was sent. Check the API key in the environment variable "
                 f"{self.settings.api_key_env} (llm_api_key_env), llm_base_url and llm_model={self.model_id}. "
                 f"Answers received before this are cached in {self.cache.path}.")
+
+
+SHARD_COUNTS = ("cached", "called", "retries", "prompt_tokens", "completion_tokens")
+
+
+def send_shard(settings, cache_path, jobs, messages):
+    """One sending process of ``OpenAIBackend._run_in_processes``: sends ``jobs`` through its own
+    client and threads, caching each answer; reports ``("done", n)`` as jobs end, then
+    ``("result", failures, counts, error, (pid, jobs sent))``."""
+    backend = OpenAIBackend(settings, LLMCache(*os.path.split(cache_path)))
+    backend._limit = _InFlightLimit(settings.concurrency)  # the server was checked by the parent
+    report = GenerationReport(backend=backend.name)
+    tally = _Tally(report)
+    failures, error = {}, None
+    try:
+        failures = backend._send(backend._client(), jobs, tally, lambda n: messages.put(("done", n)))
+    except GenerationError as exc:
+        error = str(exc)
+    counts = {name: getattr(report, name) for name in SHARD_COUNTS}
+    messages.put(("result", failures, counts, error, (os.getpid(), len(jobs))))
