@@ -135,17 +135,13 @@ class KnowledgeFields(nn.Module):
         item_vec = per_unique_id(self.hein.item, self.item_knowledge, item)
         return torch.stack([user_vec, item_vec], dim=1)  # [B, 2, output_dim]
 
-    @torch.no_grad()
-    def prestore(self, drop_adapter=False, chunk=65536):
-        was_training = self.training
-        self.eval()
-        for side, table, name in ((self.hein.user, self.user_knowledge, "user_augmented"),
-                                  (self.hein.item, self.item_knowledge, "item_augmented")):
-            self.register_buffer(name, torch.cat([side(table[s:s + chunk]) for s in range(0, len(table), chunk)]))
+    def prestore(self, drop_adapter=False):
+        for side, table in (("user", self.user_knowledge), ("item", self.item_knowledge)):
+            adapter = HEINSide(self.hein, side).train(self.hein.training)  # its mode is kept
+            self.register_buffer(f"{side}_augmented", adapted_once(adapter, table))
         self.prestored = True
         if drop_adapter:
             del self.hein, self.user_knowledge, self.item_knowledge
-        self.train(was_training)
 
 
 class ConcatInput(nn.Module):
@@ -258,12 +254,14 @@ def make_fusion(kind, dim, knowledge_dim, setting):
 
 
 @torch.no_grad()
-def adapted_once(adapter, table):
-    """``adapter(table)`` in eval mode, the adapter's mode kept: the table served after prestoring."""
+def adapted_once(adapter, table, chunk=65536):
+    """``adapter(table)`` in eval mode, the adapter's mode kept, ``chunk`` rows at a time (a table
+    of millions of ids never makes the adapter's hidden layers whole): the table served after
+    prestoring."""
     was_training = adapter.training
     adapter.eval()
     try:
-        return adapter(table)
+        return torch.cat([adapter(table[start:start + chunk]) for start in range(0, len(table), chunk)])
     finally:
         adapter.train(was_training)
 
