@@ -61,7 +61,8 @@ def get_recbole_model(name):
 
 @lru_cache(maxsize=None)
 def get_model(name):
-    """Resolve ``name``: a plugin model, ``<Base>_<Technique>``, or a stock RecBole model."""
+    """Resolve ``name``: a plugin model, ``<Base>_<Technique>``, ``<Base>_<T1>_<T2>...`` (techniques
+    composed: ``model/composed.py``), or a stock RecBole model."""
     if name in NATIVE_MODELS:
         return _load(NATIVE_MODELS[name])
     base, techniques = split_techniques(name)

@@ -28,7 +28,7 @@ from recbole_llmk.knowledge.history import split_fingerprint, training_interacti
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
 from recbole_llmk.model.fusion import FusedFamily, FusionTechnique, fused_variant
 from recbole_llmk.model.layers import HEIN, ConcatInput, HEINSide, KnowledgeFields, make_fusion
-from recbole_llmk.model.technique import KnowledgeTechnique, store_path
+from recbole_llmk.model.technique import KnowledgeTechnique, built_store_path
 
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
@@ -47,7 +47,7 @@ def knowledge_tables(store_technique, config, dataset):
 
     Each side reads the store kinds its technique wrote (``knowledge_kinds``: e.g. individual
     REKI ``user`` / ``item``; REKI-C adds cluster and history kinds), concatenated in that order."""
-    store = KnowledgeStore.open(store_path(config, store_technique))
+    store = KnowledgeStore.open(built_store_path(config, store_technique))
     store.check({"technique": store_technique, "dataset": config["dataset"],
                  "split": split_fingerprint(training_interactions(dataset))})
     kinds = store.meta.get("knowledge_kinds") or {"user": ["user"], "item": ["item"]}

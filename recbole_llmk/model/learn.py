@@ -72,7 +72,7 @@ from torch import nn
 
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
 from recbole_llmk.model.knowledge_fields import KnowledgeMixin, knowledge_variant
-from recbole_llmk.model.technique import KnowledgeTechnique, store_path
+from recbole_llmk.model.technique import KnowledgeTechnique, built_store_path
 
 MASKED = -10000.0  # RecBole's additive attention mask value
 ITEM_TOWERS = (1, 2, 3)
@@ -82,7 +82,7 @@ SIMILARITIES = ("cos", "dot")
 
 def content_table(config, dataset):
     """The LEARN store's item vectors as ``[n_items, dim]``, row = internal item id, row 0 zero."""
-    store = KnowledgeStore.open(store_path(config, "LEARN"))
+    store = KnowledgeStore.open(built_store_path(config, "LEARN"))
     store.check({"technique": "LEARN", "dataset": config["dataset"], "encoder": config["text_encoder"]})
     table = run_table(store, config, dataset, "item", "item")
     if config["knowledge_pca_dim"]:

@@ -30,7 +30,7 @@ from recbole_llmk.knowledge.history import split_fingerprint, training_interacti
 from recbole_llmk.knowledge.store import KnowledgeStore, run_table
 from recbole_llmk.model.fusion import FusionTechnique, fused_variant
 from recbole_llmk.model.layers import make_fusion
-from recbole_llmk.model.technique import KnowledgeTechnique, store_path
+from recbole_llmk.model.technique import KnowledgeTechnique, built_store_path
 from recbole_llmk.techniques.reland import uses_side
 
 
@@ -63,7 +63,7 @@ class ReLandMixin(KnowledgeTechnique, FusionTechnique):
         sides = cls.fused_sides(config)
         if not sides:
             return None
-        store = KnowledgeStore.open(store_path(config, "ReLand"))
+        store = KnowledgeStore.open(built_store_path(config, "ReLand"))
         store.check({"technique": "ReLand", "dataset": config["dataset"],
                      "split": split_fingerprint(training_interactions(dataset))})
         return {side: torch.from_numpy(run_table(store, config, dataset, side, side)) for side in sides}

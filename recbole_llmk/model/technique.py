@@ -15,7 +15,7 @@ model is built. A model family that needs something of the base model (ID tables
 adds ``check_fits``, which runs first, before any knowledge is built.
 
 Each store's path is recorded under its kind in ``config["knowledge_stores"]`` (a model that
-composes techniques reads several; :func:`store_path`), and the last one built in
+composes techniques reads several; :func:`built_store_path`), and the last one built in
 ``config["knowledge_store"]``.
 """
 
@@ -56,7 +56,7 @@ class KnowledgeTechnique:
 
     @classmethod
     def build_store(cls, config: Config, train_data: AbstractDataLoader) -> Optional[KnowledgeStore]:
-        """Build (or reuse) this technique's store and record its path (:func:`store_path`)."""
+        """Build (or reuse) this technique's store and record its path (:func:`built_store_path`)."""
         from recbole_llmk.knowledge.pipeline import ensure_store
 
         planned = cls.knowledge_plan(config, training_dataset(train_data))
@@ -75,7 +75,7 @@ class KnowledgeTechnique:
         return {"all": planned[1]().requests if planned else []}
 
 
-def store_path(config: Config, store_technique: str) -> str:
+def built_store_path(config: Config, store_technique: str) -> str:
     """The path of the run's store of kind ``store_technique`` (``build_store`` recorded it)."""
     path = (config["knowledge_stores"] or {}).get(store_technique)
     if path is None:
