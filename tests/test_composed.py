@@ -80,10 +80,47 @@ def test_every_named_techniques_defaults_are_loaded(composed_config):
     assert config["technique"] == "ReLand_REKI" and config["base_model"] == "BPR"
 
 
+@pytest.fixture
+def fields_config(tiny_config):
+    """CTR settings with a time-ordered split (LEARN's features need one) and a tiny LEARN."""
+    return dict(tiny_config, eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user",
+                                        "mode": "labeled"},
+                learn_features_epochs=1, learn_features_config={
+                    "embedding_size": 8, "hidden_size": 16, "inner_size": 16, "n_layers": 1, "n_heads": 1,
+                    "learn_history_len": 5, "learn_target_len": 3, "train_batch_size": 64})
+
+
+@pytest.mark.parametrize("base", ["DeepFM", "DSSM", "DIN"])
+def test_field_techniques_compose_as_two_fields_each(fields_config, base):
+    """REKI's and LEARN's HEINs each add a user and an item field (a double-tower model puts each
+    user field in its user tower); the composed model trains, evaluates and prestores."""
+    stock = prepare(base, "tiny", config_dict=fields_config)
+    stock_model = create_model(stock[0], stock[2])
+    result = run_recbole_llmk(f"{base}_REKI_LEARN", "tiny", config_dict=fields_config)
+    assert set(result["test_result"]) == {"auc", "logloss"}
+    model = result["model"]
+    assert set(result["knowledge_stores"]) == {"REKI", "LEARN-features"}
+    assert model.knowledge_names == ["knowledge", "learn_knowledge"]
+    assert model.learn_knowledge.user_knowledge.shape[1] == 8  # LEARN's embeddings, not REKI's text vectors
+    if base == "DIN":
+        assert model.dnn_mlp_layers.inner.mlp_layers[1].in_features == \
+            stock_model.dnn_mlp_layers.mlp_layers[1].in_features + 4 * fields_config["embedding_size"]
+    else:
+        assert model.num_feature_field == stock_model.num_feature_field + 4
+    if base == "DSSM":
+        assert model.user_token_field_num == stock_model.user_token_field_num + 2
+    batch = next(iter(prepare(f"{base}_REKI_LEARN", "tiny", config_dict=fields_config)[4]))[0].to(model.device)
+    model.eval()
+    with torch.no_grad():
+        before = model.predict(batch)
+        model.prestore_knowledge(drop_adapter=True)
+        assert torch.allclose(model.predict(batch), before, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, message", [
-    ("DeepFM_REKI_LEARN", "one technique at a time: a context model takes knowledge as fields.*What fits DeepFM: DeepFM_REKI, DeepFM_LEARN"),
-    ("DeepFM_ReLand_REKI", "one technique at a time: a context model"),
-    ("DIN_REKI_ReLand", "one technique at a time: DIN_REKI adds knowledge fields"),
+    ("DeepFM_ReLand_REKI", "DeepFM_ReLand_REKI is not supported: DeepFM is a context model; ReLand fuses into the ID tables"),
+    ("DIN_REKI_ReLand", "DIN_REKI adds knowledge fields and DIN_ReLand fuses into ID tables; compose techniques"),
+    ("LR_REKI_LEARN", "LR_REKI_LEARN is not supported: LR is first-order only"),
     ("SASRec_REKI_REKI", "names a technique twice"),
     ("Pop_ReLand_REKI", "Pop_ReLand_REKI is not supported: Pop is not a learned model"),
 ])

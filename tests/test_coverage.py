@@ -78,7 +78,7 @@ def composed_cells():
 
 
 @pytest.mark.parametrize("model, expected", [("BPR", "✓ BPR_REKI_ReLand_LEARN"), ("SASRec", "✓ SASRec_REKI_ReLand_LEARN"),
-                                             ("DeepFM", "– one technique at a time: a context model takes knowledge as fields; techniques compose only")])
+                                             ("DeepFM", "✓ DeepFM_REKI_LEARN"), ("DIN", "✓ DIN_REKI_LEARN")])
 def test_the_composed_column_comes_from_composing_the_supported_techniques(model, expected, workdir):
     from recbole_llmk.coverage import composed_support
 

@@ -1,31 +1,38 @@
 r"""Techniques composed in one model: ``<Base>_<Technique>_<Technique>``, e.g. ``SASRec_ReLand_REKI``
-(SASRec with ReLand's retrieved rationale and item text, and REKI's HEIN-adapted knowledge).
+(SASRec with ReLand's retrieved rationale and item text, then REKI's HEIN-adapted knowledge) or
+``DeepFM_REKI_LEARN`` (DeepFM with REKI's and LEARN's knowledge fields).
 
 Each named technique builds its own knowledge store, as its one-technique variant would (its
-settings, its store, its cache), and adds its own fusion; the fusions apply in the order of the
-name: an ID table the first fused is fused again by the second (``e'' = f2(f1(e, t1), t2)``), and a
-sequential model's sequence representation likewise on the user side. Every named technique's
-yaml defaults are loaded, in the same order; a setting they share (``knowledge_control``,
-``llm_*``, the encoder) applies to each.
+settings, its store, its cache), and adds its own modules, entering the model as its
+one-technique variant does:
 
-Served: general and sequential models, on which every named technique fuses into ID tables
-(:mod:`recbole_llmk.model.fusion`). A context-aware model or DIN/DIEN takes one technique at a time
-(``DeepFM_REKI``, ``DeepFM_LEARN``): their knowledge enters as fields of one HEIN, and composing
-fields is not built. A model is refused before any knowledge is built, naming the technique that
-does not fuse into it.
+- general and sequential models (the fused families, :mod:`recbole_llmk.model.fusion`): the fusions
+  apply in the order of the name: an ID table the first fused is fused again by the second
+  (``e'' = f2(f1(e, t1), t2)``), and a sequential model's sequence representation likewise on the
+  user side;
+- context-aware models and DIN/DIEN (the field families, :mod:`recbole_llmk.model.knowledge_fields`):
+  each technique's HEIN adds its user and item fields (two per technique).
+
+The modules a later technique adds are prefixed with its name (``reki_hein``, ``learn_knowledge``).
+Every named technique's yaml defaults are loaded, in the same order; a setting they share
+(``knowledge_control``, ``llm_*``, the encoder) applies to each. A name whose techniques enter the
+model in different ways (DIN_REKI adds fields, DIN_ReLand fuses into ID tables) is refused before
+any knowledge is built, as is any technique its one-technique variant refuses.
 """
 
 from functools import lru_cache
 
-from recbole.model.abstract_recommender import GeneralRecommender, SequentialRecommender
+from recbole.model.abstract_recommender import ContextRecommender
 
-from recbole_llmk.model.fusion import FusedFamily, FusionTechnique, fitting_variants, fused_family
+from recbole_llmk.model.fusion import FusedFamily, fused_family
+from recbole_llmk.model.knowledge_fields import KnowledgeContext, KnowledgeDeepInterest
 from recbole_llmk.model.technique import KnowledgeTechnique
 
 
-class ComposedKnowledge(KnowledgeTechnique, FusionTechnique):
-    """The techniques in ``parts`` (their fused mixins, in the name's order), as one technique:
-    every store built before the model, every fusion applied in order (``FusedFamily.fusion_parts``)."""
+class ComposedKnowledge(KnowledgeTechnique):
+    """The techniques in ``parts`` (each one's mixin as its one-technique variant uses it, in the
+    name's order), as one technique: every store built before the model, each technique's modules
+    added in order (``technique.technique_parts``)."""
 
     parts: tuple = ()
 
@@ -37,7 +44,8 @@ class ComposedKnowledge(KnowledgeTechnique, FusionTechnique):
     def prepare_knowledge(cls, config, train_data):
         """Check that the model fits every technique, then build (or reuse) each technique's store;
         returns the last one built (each is in ``config["knowledge_stores"]``)."""
-        cls.check_fits(config, train_data._dataset)
+        if hasattr(cls, "check_fits"):  # the fused families'
+            cls.check_fits(config, train_data._dataset)
         store = None
         for part in cls.parts:
             store = part.build_store(config, train_data) or store
@@ -56,22 +64,25 @@ def composed_variant(base, techniques):
     name = "_".join((base.__name__, *techniques))
     if len(set(techniques)) < len(techniques):
         raise ValueError(f"{name} names a technique twice; name each once (e.g. {base.__name__}_ReLand_REKI)")
-    alone = fitting_variants(base.__name__, exclude=())
-    fits = f" What fits {base.__name__}: {', '.join(alone)}." if alone else ""
-    compose_where = "techniques compose only where each fuses into ID tables (general and sequential models)."
-    if not issubclass(base, (GeneralRecommender, SequentialRecommender)):
-        raise ValueError(f"{name} is not supported: one technique at a time: a {base.type.name.lower()} model takes "
-                         f"knowledge as fields; {compose_where}{fits}")
-    family = fused_family(base, name)
-    parts = []
+    variants = []
     for technique in techniques:
-        variant = _load(TECHNIQUES[technique])(base)
-        if not issubclass(variant, FusedFamily):
-            raise ValueError(f"{name} is not supported: one technique at a time: {base.__name__}_{technique} adds "
-                             f"knowledge fields; {compose_where}{fits}")
-        parts.append(variant.__bases__[0])  # the technique's fused mixin
-    doc = (f"{base.__name__} with {', then '.join(techniques)} knowledge, each fused into its embeddings in turn."
-           f"\n\n{__doc__}")
-    return type(name, (ComposedKnowledge, family, base),
-                {"__doc__": doc, "base_model_name": base.__name__, "__module__": __name__, "parts": tuple(parts),
-                 "technique": "_".join(techniques), "techniques": tuple(techniques)})
+        try:
+            variants.append(_load(TECHNIQUES[technique])(base))
+        except ValueError as error:  # its one-technique variant's refusal, under this name
+            raise ValueError(str(error).replace(f"{base.__name__}_{technique} is not supported", f"{name} is not supported",
+                                                1)) from None
+    fused = [issubclass(variant, FusedFamily) for variant in variants]
+    if any(fused) and not all(fused):
+        fields = techniques[fused.index(False)]
+        raise ValueError(f"{name} is not supported: {base.__name__}_{fields} adds knowledge fields and "
+                         f"{base.__name__}_{techniques[fused.index(True)]} fuses into ID tables; compose techniques "
+                         "that enter the model the same way")
+    parts = tuple(variant.technique_part for variant in variants)
+    attributes = {"__doc__": f"{base.__name__} with {', then '.join(techniques)} knowledge.\n\n{__doc__}",
+                  "base_model_name": base.__name__, "__module__": __name__, "parts": parts,
+                  "technique": "_".join(techniques), "techniques": tuple(techniques)}
+    if all(fused):
+        return type(name, (ComposedKnowledge, fused_family(base, name), base), attributes)
+    if issubclass(base, ContextRecommender):
+        return type(name, (base, ComposedKnowledge, KnowledgeContext), attributes)
+    return type(name, (ComposedKnowledge, KnowledgeDeepInterest, base), attributes)

@@ -23,6 +23,7 @@ from recbole.model.abstract_recommender import GeneralRecommender, SequentialRec
 from torch import nn
 
 from recbole_llmk.model.layers import HEIN, FusedEmbedding, adapted, adapted_once
+from recbole_llmk.model.technique import technique_parts
 
 # General models without an ID table per user or item to fuse into, and why.
 NO_ID_TABLES = {
@@ -114,19 +115,9 @@ def fuse_tables(model, config, part, prefix, side, tables):
 
 
 class FusedFamily:
-    """What both families share: the techniques they fuse (:meth:`fusion_parts`), the check that
+    """What both families share: the techniques they fuse (``technique_parts``), the check that
     refuses, before any knowledge is built (a behaviour model or an LLM may run for minutes), a
     model without the ID tables the fusion needs, and prestoring."""
-
-    @classmethod
-    def fusion_parts(cls):
-        """``[(prefix, technique)]`` in the order the fusions apply: the variant's own technique
-        (prefix ``""``), or each technique a composed model names (``model.composed``), the later
-        ones prefixing the modules they add to the model with their name."""
-        parts = getattr(cls, "parts", None)
-        if parts is None:
-            return [("", cls)]
-        return [("" if i == 0 else f"{part.technique.lower()}_", part) for i, part in enumerate(parts)]
 
     @classmethod
     def check_fits(cls, config, dataset):
@@ -167,7 +158,7 @@ class FusedGeneral(FusedFamily, GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        for prefix, part in self.fusion_parts():
+        for prefix, part in technique_parts(type(self)):
             tables = part.fused_tables(config, dataset)
             for side in (tables or {}):
                 fuse_tables(self, config, part, prefix, side, tables)
@@ -185,7 +176,7 @@ class FusedSequential(FusedFamily, SequentialRecommender):
         self._batch_users = None
         self.user_fusion = self.user_adapter = None
         self.user_prefixes = []
-        for prefix, part in self.fusion_parts():
+        for prefix, part in technique_parts(type(self)):
             tables = part.fused_tables(config, dataset)
             if tables is not None:
                 self._fuse_part(config, part, prefix, tables)
@@ -265,4 +256,5 @@ def fused_variant(base, technique_mixin, suffix, doc):
     :class:`FusionTechnique`) before the family's mixin before ``base``."""
     family = fused_family(base, f"{base.__name__}_{suffix}")
     return type(f"{base.__name__}_{suffix}", (technique_mixin, family, base),
-                {"__doc__": doc, "base_model_name": base.__name__, "__module__": technique_mixin.__module__})
+                {"__doc__": doc, "base_model_name": base.__name__, "__module__": technique_mixin.__module__,
+                 "technique_part": technique_mixin})

@@ -26,9 +26,9 @@ from recbole.model.abstract_recommender import ContextRecommender, GeneralRecomm
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore, pca_reduce, run_table
-from recbole_llmk.model.fusion import FusedFamily, FusionTechnique, fused_variant
+from recbole_llmk.model.fusion import FusionTechnique, fused_variant
 from recbole_llmk.model.layers import HEIN, ConcatInput, HEINSide, KnowledgeFields, make_fusion
-from recbole_llmk.model.technique import KnowledgeTechnique, built_store_path
+from recbole_llmk.model.technique import KnowledgeTechnique, built_store_path, technique_parts
 
 
 # Models that cannot take the knowledge fields through a generic hook, and why.
@@ -58,19 +58,36 @@ def knowledge_tables(store_technique, config, dataset):
     return tuple(np.concatenate(tables[side], axis=1) for side in ("user", "item"))
 
 
-def knowledge_fields(model, config, dataset):
-    """HEIN over this run's stored knowledge: the two augmented-vector fields of a CTR model."""
-    user_table, item_table = knowledge_tables(model.store_technique, config, dataset)
+def knowledge_fields(technique, config, dataset):
+    """HEIN over this run's stored knowledge of ``technique``: two augmented-vector fields of a CTR model."""
+    user_table, item_table = knowledge_tables(technique.store_technique, config, dataset)
     return KnowledgeFields(user_table, item_table, config["embedding_size"], config)
 
 
 class KnowledgeMixin(KnowledgeTechnique):
-    """What every HEIN variant (REKI's, LEARN's features) shares: prestoring. A technique's mixin
-    adds the contract of :mod:`recbole_llmk.model.technique`."""
+    """What every HEIN technique (REKI's, LEARN's features) is: a technique whose knowledge is a
+    pair of vectors per user and item; it adds the contract of :mod:`recbole_llmk.model.technique`."""
+
+
+class KnowledgeFieldsFamily:
+    """What the field families (context-aware models, DIN/DIEN) share: one :class:`KnowledgeFields`
+    per technique (``knowledge``, then ``<technique>_knowledge`` for a composed model's later ones),
+    each two fields, and prestoring."""
+
+    def build_fields(self, config, dataset):
+        self.knowledge_names = []
+        for prefix, part in technique_parts(type(self)):
+            setattr(self, f"{prefix}knowledge", knowledge_fields(part, config, dataset))
+            self.knowledge_names.append(f"{prefix}knowledge")
+
+    def knowledge_of(self, user, item):
+        """Every technique's fields for the batch: ``[B, 2 * techniques, dim]``, user then item of each."""
+        return torch.cat([getattr(self, name)(user, item) for name in self.knowledge_names], dim=1)
 
     def prestore_knowledge(self, drop_adapter=False):
         """Precompute the augmented vectors of every user and item (REKI's deployment)."""
-        self.knowledge.prestore(drop_adapter)
+        for name in self.knowledge_names:
+            getattr(self, name).prestore(drop_adapter)
 
 
 class KnowledgeFusion(FusionTechnique):
@@ -95,45 +112,46 @@ class KnowledgeFusion(FusionTechnique):
                              f"{hein.user_out.out_features}-wide; one HEIN cannot serve both")
         return HEINSide(hein, side), make_fusion(config["hein_fusion"], dim, dim, "hein_fusion")
 
-    prestore_knowledge = FusedFamily.prestore_knowledge  # the fused tables', not KnowledgeMixin's fields'
 
 
-class KnowledgeContext(ContextRecommender):
+class KnowledgeContext(KnowledgeFieldsFamily, ContextRecommender):
     """Placed between a context-aware model and ContextRecommender in the MRO, so it runs inside
-    the model's own ``super().__init__`` and the model sizes its layers for the two new fields."""
+    the model's own ``super().__init__`` and the model sizes its layers for the new fields."""
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.USER_ID, self.ITEM_ID = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
-        self.knowledge = knowledge_fields(self, config, dataset)
-        self.num_feature_field += 2
-        if self.double_tower:  # one field joins each tower
-            self.user_token_field_num += 1
-            self.item_token_field_num += 1
+        self.build_fields(config, dataset)
+        added = len(self.knowledge_names)  # a user and an item field each
+        self.num_feature_field += 2 * added
+        if self.double_tower:  # each technique's user field joins the user tower, its item field the item tower
+            self.user_token_field_num += added
+            self.item_token_field_num += added
 
     def embed_input_fields(self, interaction):
         sparse, dense = super().embed_input_fields(interaction)
-        fields = self.knowledge(interaction[self.USER_ID], interaction[self.ITEM_ID])
+        fields = self.knowledge_of(interaction[self.USER_ID], interaction[self.ITEM_ID])
         if self.double_tower:
             # token embeddings are ordered [user seq, item seq, user tokens, item tokens]
-            cut = self.user_token_seq_field_num + self.item_token_seq_field_num + self.user_token_field_num - 1
-            sparse = torch_cat([sparse[:, :cut], fields[:, :1], sparse[:, cut:], fields[:, 1:]])
+            added = len(self.knowledge_names)
+            cut = self.user_token_seq_field_num + self.item_token_seq_field_num + self.user_token_field_num - added
+            sparse = torch_cat([sparse[:, :cut], fields[:, 0::2], sparse[:, cut:], fields[:, 1::2]])
         else:
             sparse = torch_cat([sparse, fields])
         return sparse, dense
 
 
-class KnowledgeDeepInterest(SequentialRecommender):
+class KnowledgeDeepInterest(KnowledgeFieldsFamily, SequentialRecommender):
     """Placed before DIN/DIEN in the MRO: widens their final DNN once they are built and feeds it
     the batch's augmented vectors."""
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.knowledge = knowledge_fields(self, config, dataset)
-        self.dnn_mlp_layers = ConcatInput(self.dnn_mlp_layers, 2 * config["embedding_size"])
+        self.build_fields(config, dataset)
+        self.dnn_mlp_layers = ConcatInput(self.dnn_mlp_layers, 2 * len(self.knowledge_names) * config["embedding_size"])
 
     def forward(self, user, *args):
-        self.dnn_mlp_layers.fields = self.knowledge(user, args[-1])  # args[-1]: the target items
+        self.dnn_mlp_layers.fields = self.knowledge_of(user, args[-1])  # args[-1]: the target items
         try:
             return super().forward(user, *args)
         finally:
@@ -159,7 +177,8 @@ def knowledge_variant(base, mixin, suffix, doc):
     else:
         raise ValueError(f"{name}_{suffix} is not supported: it augments RecBole's context-aware, general and "
                          f"sequential models; {name} is a {base.type.name.lower()} model.")
-    return type(f"{name}_{suffix}", bases, {"__doc__": doc, "base_model_name": name, "__module__": mixin.__module__})
+    return type(f"{name}_{suffix}", bases, {"__doc__": doc, "base_model_name": name, "__module__": mixin.__module__,
+                                            "technique_part": mixin})
 
 
 @lru_cache(maxsize=None)

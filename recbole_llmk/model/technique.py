@@ -82,3 +82,14 @@ def built_store_path(config: Config, store_technique: str) -> str:
         raise ValueError(f"no {store_technique} knowledge store was built for this run: build the model's "
                          "knowledge first (the quick start's prepare_knowledge, or --run=knowledge)")
     return path
+
+
+def technique_parts(model_class) -> list:
+    """``[(prefix, technique)]`` of a model class, in the order its knowledge enters: the variant's
+    own technique (prefix ``""``), or each technique a composed model names (``parts``,
+    :mod:`recbole_llmk.model.composed`), the later ones prefixing the modules they add to the
+    model with their name (``reki_hein``, ``learn_knowledge``)."""
+    parts = getattr(model_class, "parts", None)
+    if parts is None:
+        return [("", model_class)]
+    return [("" if i == 0 else f"{part.technique.lower()}_", part) for i, part in enumerate(parts)]
