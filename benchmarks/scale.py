@@ -13,6 +13,8 @@ memory is its own:
   kmeans          REKI-C's user clusters (KMeansClusterer, REKI's cap of 100 users a cluster; 64-d)
   store_write     a store of one 384-d vector per user (KnowledgeStore.write)
   store_load      that store aligned to the users' ids (KnowledgeStore.aligned: the table a model reads)
+  store_write_float16, store_load_float16   the same with the vectors kept as float16
+                  (knowledge_vector_dtype: float16; the table a model reads is float32)
 Encoding is not run: it is linear in texts (one forward pass each; MiniLM ~60 texts/s on one CPU
 core) and belongs on a GPU or a batch job at scale. A phase that passes ``--timeout`` is recorded as
 such, not extrapolated. Prints a table with the growth exponent between sizes (slope of
@@ -34,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-PHASES = ("seed_sampling", "retrieval", "retrieval_ivf", "kmeans", "store_write", "store_load")
+PHASES = ("seed_sampling", "retrieval", "retrieval_ivf", "kmeans", "store_write", "store_load", "store_write_float16",
+          "store_load_float16")
 
 
 class Users:
@@ -58,7 +61,9 @@ def phase(name, n, folder):
     from recbole_llmk.techniques.reland import SeedSampler, nearest_seeds
 
     rng = np.random.default_rng(0)
-    path = os.path.join(folder, "store")
+    store, _, dtype = name.partition("_float")
+    name, dtype = store, f"float{dtype}" if dtype else "float32"
+    path = os.path.join(folder, f"store-{dtype}")
     if name in ("seed_sampling", "retrieval", "retrieval_ivf", "kmeans"):
         vectors = rng.standard_normal((n, 64), dtype=np.float32)
         counts = rng.integers(1, 300, n)
@@ -83,7 +88,8 @@ def phase(name, n, folder):
     elif name == "kmeans":
         KMeansClusterer(max_cluster_size=100, seed=0).fit(vectors)
     elif name == "store_write":
-        KnowledgeStore.write(path, {"technique": "scale"}, {"user": ([str(i) for i in range(n)], knowledge, texts)})
+        KnowledgeStore.write(path, {"technique": "scale", "vector_dtype": dtype},
+                             {"user": ([str(i) for i in range(n)], knowledge, texts)})
     else:
         KnowledgeStore.open(path).aligned("user", Users(n), "user_id")
     return time.perf_counter() - began, before, {}

@@ -59,7 +59,7 @@ class KnowledgeStore:
             for kind, (tokens, vectors, texts) in entries.items():
                 if len(tokens) != len(vectors) or len(tokens) != len(texts):
                     raise ValueError(f"{kind}: {len(tokens)} tokens, {len(vectors)} vectors, {len(texts)} texts")
-                _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors, dtype=dtype), texts)
+                _write_kind(tmp, kind, [str(t) for t in tokens], np.asarray(vectors), texts, dtype)
             meta = dict(meta, kinds=sorted(entries), dims={k: int(np.asarray(v[1]).shape[1]) for k, v in entries.items()})
             with open(os.path.join(tmp, cls.META), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
@@ -237,15 +237,21 @@ def _read(folder, name, reader):
         raise _damaged(folder, name, f"{type(exc).__name__}: {exc}") from exc
 
 
-def _write_kind(folder, kind, tokens, vectors, texts):
-    """One kind's files: each distinct (vector, text) pair once, in order of first appearance."""
+def _write_kind(folder, kind, tokens, vectors, texts, dtype=np.float32):
+    """One kind's files: each distinct (vector, text) pair once, in order of first appearance,
+    written ``CHUNK_ROWS`` rows at a time as ``dtype`` (no second copy of the vectors is made)."""
     row_of, rows = {}, []
     for vector, text in zip(vectors, texts):  # keyed by a digest of the vector: not a copy of it
         key = (hashlib.blake2b(vector.tobytes(), digest_size=16).digest(), text)
         rows.append(row_of.setdefault(key, len(row_of)))
     rows = np.asarray(rows, dtype=np.int32)
     first = np.unique(rows, return_index=True)[1]  # the first token of each row, row order
-    np.save(os.path.join(folder, f"{kind}.vectors.npy"), np.ascontiguousarray(vectors[first]))
+    with open(os.path.join(folder, f"{kind}.vectors.npy"), "wb") as f:  # a .npy file, written a chunk at a time
+        shape = (len(first), vectors.shape[1] if vectors.ndim == 2 else 0)
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": shape})
+        for start in range(0, len(first), CHUNK_ROWS):
+            f.write(np.ascontiguousarray(vectors[first[start:start + CHUNK_ROWS]], dtype=dtype).tobytes())
     np.save(os.path.join(folder, f"{kind}.rows.npy"), rows)
     with open(os.path.join(folder, f"{kind}.tokens.json"), "w", encoding="utf-8") as f:
         json.dump(tokens, f)
