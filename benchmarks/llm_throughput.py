@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from urllib.request import urlopen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,7 +85,7 @@ def server_figure(log_text):
 def vllm_server(python, folder, threads, log_path, ready_seconds=600):
     """vLLM's OpenAI server on ``folder`` (CPU, offline) until the block ends; yields (base URL,
     seconds it took to start: vLLM compiles the model first)."""
-    from llama_server import free_port
+    from llama_server import free_port, openai_server
 
     port = free_port()
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "smollm2",
@@ -94,26 +93,8 @@ def vllm_server(python, folder, threads, log_path, ready_seconds=600):
                "--max-num-seqs", "4", "--generation-config", "vllm", "--no-enable-prefix-caching"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
                VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0")
-    start = time.time()
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        while True:
-            try:
-                with urlopen(f"{base_url}/models", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.time() - start > ready_seconds:
-                    raise RuntimeError(f"vLLM did not start ({' '.join(command)}); see {log_path}")
-                time.sleep(1)
-        yield base_url, time.time() - start
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with openai_server(command, port, log_path, ready_seconds, env) as served:
+        yield served
 
 
 def provenance(threads, llama_python):

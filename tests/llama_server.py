@@ -42,23 +42,32 @@ def llama_server(python, n_ctx=2048, threads=1, log_path=os.devnull, ready_secon
     command = [python, "-m", "llama_cpp.server", "--model", packaged_gguf(), "--model_alias", ALIAS,
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
                "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    with openai_server(command, port, log_path, ready_seconds) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def openai_server(command, port, log_path, ready_seconds, env=None):
+    """Run ``command``, an OpenAI-compatible server on 127.0.0.1:``port``, until the block ends;
+    yields (its base URL, seconds it took to answer ``GET /models``)."""
+    start = time.time()
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + ready_seconds
         while True:
             try:
                 with urlopen(f"{base_url}/models", timeout=2):
                     break
             except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"llama.cpp server did not start ({' '.join(command)}); see {log_path}")
+                if process.poll() is not None or time.time() - start > ready_seconds:
+                    raise RuntimeError(f"{command[0]} {' '.join(command[1:3])} did not start ({' '.join(command)}); "
+                                       f"see {log_path}")
                 time.sleep(0.5)
-        yield base_url
+        yield base_url, time.time() - start
     finally:
         process.terminate()
         try:
-            process.wait(10)
+            process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
