@@ -129,6 +129,12 @@ def test_a_composition_that_cannot_fuse_is_refused_by_name(name, message):
         get_model(name)
 
 
+def test_one_store_folder_for_several_techniques_is_refused(composed_config, tmp_path):
+    with pytest.raises(ValueError, match="knowledge_store_path names one store folder, and BPR_ReLand_REKI builds one per"):
+        run_recbole_llmk("BPR_ReLand_REKI", "tiny", config_dict=dict(composed_config, knowledge_store_path=str(tmp_path / "s")))
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_model_without_a_table_is_refused_before_any_knowledge_is_built(composed_config, tmp_path):
     config = dict(composed_config, knowledge_dir=str(tmp_path / "knowledge"))
     with pytest.raises(ValueError, match="FISM_ReLand_REKI is not supported: FISM"):

@@ -44,6 +44,9 @@ class ComposedKnowledge(KnowledgeTechnique):
     def prepare_knowledge(cls, config, train_data):
         """Check that the model fits every technique, then build (or reuse) each technique's store;
         returns the last one built (each is in ``config["knowledge_stores"]``)."""
+        if config["knowledge_store_path"]:
+            raise ValueError(f"knowledge_store_path names one store folder, and {cls.__name__} builds one per technique "
+                             f"({', '.join(cls.techniques)}): leave it unset; each store goes under knowledge_dir")
         if hasattr(cls, "check_fits"):  # the fused families'
             cls.check_fits(config, train_data._dataset)
         store = None
