@@ -567,3 +567,19 @@ def test_sampled_evaluation_cells_from_before_fixed_negatives_are_another_run(tm
         recorded = {k: v for k, v in ours.items() if k != "eval_fixed_negatives"}
         assert staleness.run_differences(entry["model"], ours, recorded) == ["eval_fixed_negatives"]
     assert not schema.samples_at_evaluation("BPR", {}) and schema.samples_at_evaluation("DIEN_REKI", {})
+
+
+def test_a_composed_cell_counts_the_generation_of_every_store_it_read(tmp_path):
+    from harness.cells import knowledge_report
+
+    from recbole_llmk.knowledge.store import KnowledgeStore
+
+    entries = {"user": (["1"], [[0.0, 1.0]], ["t"])}
+    one = KnowledgeStore.write(str(tmp_path / "a"), {"generation": {"requested": 95, "called": 95, "backend": "none",
+                                                                    "seconds": 1.5}}, entries)
+    two = KnowledgeStore.write(str(tmp_path / "b"), {"generation": {"requested": 2625, "called": 0, "backend": "none",
+                                                                    "seconds": 2.0}}, entries)
+    config = {"knowledge_stores": {"ReLand": one.path, "REKI": two.path}}
+    assert knowledge_report(config, two) == {"requested": 2720, "called": 95, "seconds": 3.5, "backend": "none+none"}
+    assert knowledge_report({"knowledge_stores": {"REKI": two.path}}, two)["requested"] == 2625
+    assert knowledge_report({"knowledge_stores": None}, None) is None

@@ -46,7 +46,7 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
         "train_epoch_seconds": sum(epoch_seconds) / max(len(epoch_seconds), 1),
         "train_batch_ms": 1000 * sum(epoch_seconds) / max(len(epoch_seconds) * len(train_data), 1),
         "knowledge_seconds": knowledge_seconds,
-        "knowledge": store.meta.get("generation") if store else None,
+        "knowledge": knowledge_report(config, store),
         "infer_batch_ms": inference_ms(net, test_data),
     }
     if hasattr(net, "prestore_knowledge"):
@@ -66,6 +66,19 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
         os.remove(resume_file)  # first: a state must never outlive the best model it names
     os.remove(trainer.saved_model_file)
     return cell
+
+
+def knowledge_report(config, store):
+    """What generating the run's knowledge cost (the store's generation report): for a model that
+    composes techniques, the counts of every store it read, summed."""
+    from recbole_llmk.knowledge.store import KnowledgeStore
+
+    paths = list((config["knowledge_stores"] or {}).values())
+    reports = [r for r in (KnowledgeStore.open(p).meta.get("generation") for p in paths) if r]
+    if len(reports) < 2:
+        return store.meta.get("generation") if store else None
+    summed = {k: sum(r.get(k) or 0 for r in reports) for k, v in reports[0].items() if isinstance(v, (int, float))}
+    return dict(summed, backend="+".join(str(r.get("backend")) for r in reports))
 
 
 CODE_PATHS = ("recbole_llmk", "benchmarks/run_suite.py", "benchmarks/harness", "setup.cfg")
