@@ -68,11 +68,12 @@ def learn_features_plan(config, dataset):
     from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
 
     if config["eval_args"].get("order") != "TO":
+        ordered = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user",
+                   "mode": config["eval_args"].get("mode", "full")}  # the run's own evaluation mode kept
         raise ValueError(
             f"{config['model']} trains LEARN on the run's split, and LEARN (a sequential model) needs a "
             f"time-ordered one; this run's eval_args are {config['eval_args']}. Use e.g. "
-            "--eval_args=\"{'split': {'LS': 'valid_and_test'}, 'order': 'TO', 'mode': 'labeled'}\" "
-            "(DIN and DIEN use a time-ordered split by default).")
+            f"--eval_args=\"{ordered}\" (DIN and DIEN use a time-ordered split by default).")
     frame = training_interactions(dataset)
     overrides = {k: config[k] for k in CARRIED if config[k] is not None}
     overrides.update(config["learn_features_config"] or {}, epochs=setting(config, "learn_features_epochs"))
