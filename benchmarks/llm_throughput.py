@@ -35,8 +35,9 @@ from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "tests")]
 
+from harness.cells import code_version  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 from recbole_llmk.knowledge.generation import Request, make_backend  # noqa: E402
 from recbole_llmk.knowledge.local_llm import packaged_gguf  # noqa: E402
@@ -102,13 +103,10 @@ def provenance(threads, llama_python):
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
     llama_version = subprocess.run([llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                    capture_output=True, text=True).stdout.strip() if llama_python else None
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M"), "threads": threads,
+    return {**code_version(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": threads,
             "cpu": f"{cpu} ({os.cpu_count()} cores)", "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
             "llama_cpp_python": llama_version, "device": "cpu", "load_average_1min_at_start": os.getloadavg()[0]}
