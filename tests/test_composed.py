@@ -154,3 +154,20 @@ def test_a_composed_model_reuses_each_techniques_own_store(composed_config):
 
     alone = {**stores_of("SASRec_ReLand"), **stores_of("SASRec_REKI")}
     assert stores_of("SASRec_ReLand_REKI") == alone and set(alone) == {"ReLand", "REKI"}
+
+
+def test_a_kept_evaluation_table_follows_a_change_to_the_table_it_wraps(composed_config):
+    """The fused item table full-sort evaluation keeps depends on the table a first technique fused
+    below it: a change there (its knowledge, in place) makes the outer table fuse again."""
+    cfg, _, train_data, _, _ = prepare("BPR_ReLand_REKI", "tiny", config_dict=composed_config)
+    build_knowledge(cfg, train_data)
+    model = create_model(cfg, train_data).eval()
+    outer = model.item_embedding
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():  # off the identity (at random: text vectors may sum to ~0)
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        kept = outer.weight
+        assert outer.weight is kept
+        outer.embedding.knowledge.mul_(2.0)  # ReLand's item text, below REKI's fusion
+        assert not torch.allclose(outer.weight, kept) and torch.allclose(outer.weight, outer._whole_table())

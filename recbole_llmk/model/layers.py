@@ -328,7 +328,8 @@ class FusedEmbedding(nn.Module):
         training step, a loaded checkpoint: tracked by each tensor's version counter and storage)."""
         if self.training or torch.is_grad_enabled():
             return self._whole_table()
-        state = tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), self.knowledge))
+        # every parameter and buffer below this one: a table another technique fused is one of them
+        state = tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
         if self._evaluated is None or self._evaluated[0] != state:
             self._evaluated = (state, self._whole_table())
         return self._evaluated[1]
