@@ -41,14 +41,12 @@ class ComposedKnowledge(KnowledgeTechnique):
         return tuple(side for side in ("user", "item") if any(side in part.fused_sides(config) for part in cls.parts))
 
     @classmethod
-    def prepare_knowledge(cls, config, train_data):
-        """Check that the model fits every technique, then build (or reuse) each technique's store;
-        returns the last one built (each is in ``config["knowledge_stores"]``)."""
+    def build_store(cls, config, train_data):
+        """Build (or reuse) each technique's store (``prepare_knowledge`` checks the model fits
+        first); returns the last one built (each is in ``config["knowledge_stores"]``)."""
         if config["knowledge_store_path"]:
             raise ValueError(f"knowledge_store_path names one store folder, and {cls.__name__} builds one per technique "
                              f"({', '.join(cls.techniques)}): leave it unset; each store goes under knowledge_dir")
-        if hasattr(cls, "check_fits"):  # the fused families'
-            cls.check_fits(config, train_data._dataset)
         store = None
         for part in cls.parts:
             store = part.build_store(config, train_data) or store
