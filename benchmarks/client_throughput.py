@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-from harness.cells import code_version  # noqa: E402
+from harness.cells import code_version, cpu_name  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 from recbole_llmk.knowledge.generation import Request, make_backend  # noqa: E402
 
@@ -85,8 +85,7 @@ def provenance():
 
     from recbole_llmk.knowledge.deadline import httpx  # httpx2 for openai 3, httpx before
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {**code_version(), "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": f"{cpu} ({os.cpu_count()} cores)",
+    return {**code_version(), "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
             "python": platform.python_version(), "openai": openai.__version__, "httpx": f"{httpx.__name__} {httpx.__version__}",
             "load_average_1min_at_start": os.getloadavg()[0]}
 

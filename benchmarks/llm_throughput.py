@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "tests")]
 
-from harness.cells import code_version  # noqa: E402
+from harness.cells import code_version, cpu_name  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 from recbole_llmk.knowledge.generation import Request, make_backend  # noqa: E402
 from recbole_llmk.knowledge.local_llm import packaged_gguf  # noqa: E402
@@ -105,9 +105,8 @@ def provenance(threads, llama_python):
 
     llama_version = subprocess.run([llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                    capture_output=True, text=True).stdout.strip() if llama_python else None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     return {**code_version(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": threads,
-            "cpu": f"{cpu} ({os.cpu_count()} cores)", "python": platform.python_version(),
+            "cpu": f"{cpu_name()} ({os.cpu_count()} cores)", "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
             "llama_cpp_python": llama_version, "device": "cpu", "load_average_1min_at_start": os.getloadavg()[0]}
 

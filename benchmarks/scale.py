@@ -34,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]
 
 PHASES = ("seed_sampling", "retrieval", "retrieval_ivf", "kmeans", "store_write", "store_load", "store_write_float16",
           "store_load_float16")
@@ -161,9 +161,9 @@ def main():
     import numpy
     import torch
 
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    report = {"rows": rows, "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "cpu": cpu,
+    from harness.cells import cpu_name
+
+    report = {"rows": rows, "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "cpu": cpu_name(),
               "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
               "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
                            "faiss": faiss.__version__, "torch": torch.__version__},
@@ -179,7 +179,7 @@ def main():
         print(f"| {r['phase']}{recall} | {r['users']:,} | {seconds} | {r.get('peak_mb', float('nan')):.0f} "
               f"({r.get('peak_mb_before', float('nan')):.0f}) | "
               f"{r.get('exponent', '')} |")
-    print(f"\ncommits {', '.join(sorted({r['commit'][:7] for r in rows}))}, threads {report['threads']}, {cpu}, "
+    print(f"\ncommits {', '.join(sorted({r['commit'][:7] for r in rows}))}, threads {report['threads']}, {report['cpu']}, "
           f"{report['cores']} cores; load averages per row in {path}")
 
 

@@ -93,6 +93,12 @@ def code_version():
             "code_changed": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))}
 
 
+def cpu_name():
+    """The CPU's model name, as the kernel reports it (``platform.processor()`` where it does not)."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+
+
 def provenance(config, store, seconds):
     """Which libraries, threads and device produced a cell (with :func:`code_version`, which
     code): versions, torch's threads, the device's name, the knowledge store (its folder names its
@@ -107,8 +113,7 @@ def provenance(config, store, seconds):
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+        name = cpu_name()
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "threads": torch.get_num_threads(), "device": device, "device_name": name,
