@@ -11,7 +11,7 @@ import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
-from recbole_model_tests import SHARED, SHORTENED, recbole_tests, run_one  # noqa: E402
+from recbole_model_tests import SHARED, YAML, recbole_tests, run_config, run_one  # noqa: E402
 
 SOURCE = os.path.join(SHARED, "model", "test_model_auto.py")
 pytestmark = pytest.mark.skipif(not os.path.isfile(SOURCE), reason=f"RecBole's model tests are not at {SOURCE} "
@@ -32,9 +32,7 @@ def configs():
 
 
 def run_test(configs, tmp_path, model, variant, **changes):
-    config = dict(configs[model], **SHORTENED, **changes, model=variant, data_path=os.path.join(SHARED, "test_data"),
-                  checkpoint_dir=str(tmp_path), knowledge_dir=str(tmp_path / "knowledge"))
-    return run_one(variant, config, os.path.join(SHARED, "model", "test_model.yaml"), timeout=600)
+    return run_one(variant, run_config(dict(configs[model], **changes), variant, str(tmp_path)), YAML, timeout=600)
 
 
 @pytest.mark.parametrize("model, suffix", CASES)
