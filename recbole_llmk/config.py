@@ -64,11 +64,15 @@ def choices():
 
 
 def check_choices(settings):
-    """Refuse a value outside its set at once, not after minutes of knowledge building."""
+    """Refuse a value outside its set (or a knowledge norm that is no positive number) at once, not
+    after minutes of knowledge building."""
     for name, allowed in choices().items():
         if name in settings and settings[name] not in allowed:
             shown = " | ".join("~" if a is None else a for a in allowed)
             raise ValueError(f"{name}: '{settings[name]}' is not one of {shown} (recbole_llmk/properties/ documents each)")
+    from recbole_llmk.model.reland import check_knowledge_norm
+
+    check_knowledge_norm(settings.get("reland_knowledge_norm"))
 
 
 def plugin_property_files(model_name, techniques, dataset):

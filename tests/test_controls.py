@@ -60,3 +60,23 @@ def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets
     assert not torch.equal(real, shuffled)
     assert torch.equal(torch.sort(real[1:], dim=0).values, torch.sort(shuffled[1:], dim=0).values)
     assert torch.allclose(constant[1:], real[1:].mean(0).expand_as(constant[1:]), atol=1e-6)
+
+
+def test_knowledge_norm_rescales_what_the_model_reads_after_the_control(tiny_config, workdir):
+    """``reland_knowledge_norm``: the model's rows are the store's, centred and scaled to the norm;
+    the store is untouched, and a constant control leaves no content (zeros)."""
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
+    config["knowledge_store_path"] = distinct_item_store(config, workdir).path
+    tables = {}
+    for control, norm in ((None, None), (None, 0.05), ("constant", 0.05)):
+        cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(
+            config, knowledge_control=control, reland_knowledge_norm=norm))
+        build_knowledge(cfg, train_data)
+        tables[control, norm] = create_model(cfg, train_data).item_embedding.knowledge.double()
+    raw, scaled = tables[None, None][1:], tables[None, 0.05][1:]
+    assert np.isclose(scaled.norm(dim=1).mean().item(), 0.05, rtol=1e-5)
+    assert torch.allclose(scaled.mean(0), torch.zeros(scaled.shape[1], dtype=scaled.dtype), atol=1e-7)
+    centred = raw - raw.mean(0)
+    assert torch.allclose(scaled, centred * (0.05 / centred.norm(dim=1).mean()), atol=1e-6)
+    assert torch.equal(tables["constant", 0.05], torch.zeros_like(tables["constant", 0.05]))

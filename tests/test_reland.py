@@ -11,6 +11,7 @@ import torch
 
 from recbole_llmk.knowledge.history import training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore
+from recbole_llmk.model.reland import rescaled
 from recbole_llmk.model.layers import AttentionFusion, ConcatFusion, FusedEmbedding, GatedFusion
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
 from recbole_llmk.techniques.reland import (SeedSampler, WeightedDraws, nearest_seeds, parse_rationale, proportional_allocation,
@@ -253,6 +254,8 @@ def test_a_fusion_or_control_outside_its_choices_is_refused_before_any_knowledge
                     "distributed_backend"):
         with pytest.raises(ValueError, match=f"{setting}: 'sum' is not one of"):
             prepare("BPR_ReLand", "tiny", config_dict=dict(reland_config, **{setting: "sum"}))
+    with pytest.raises(ValueError, match="reland_knowledge_norm: 'sum' is not a positive number"):
+        prepare("BPR_ReLand", "tiny", config_dict=dict(reland_config, reland_knowledge_norm="sum"))
 
 
 def test_ablations_and_unsupported_models(reland_config):
@@ -271,6 +274,21 @@ def test_ablations_and_unsupported_models(reland_config):
         get_model("FISM_ReLand")
     with pytest.raises(ValueError, match="general and sequential"):
         get_model("DeepFM_ReLand")
+
+
+def test_knowledge_norm_centres_and_scales_every_row_but_padding():
+    rng = np.random.default_rng(0)
+    table = np.vstack([np.zeros((1, 8)), 3.0 + rng.normal(size=(50, 8))]).astype(np.float32)
+    out = rescaled(table, 0.1)
+    assert rescaled(table, None) is table
+    assert np.allclose(out[0], 0) and np.allclose(out[1:].mean(0), 0, atol=1e-6)
+    assert np.isclose(np.linalg.norm(out[1:], axis=1).mean(), 0.1, rtol=1e-5)
+    assert np.allclose(out[1:] / out[1:].std(), (table[1:] - table[1:].mean(0)) / (table[1:] - table[1:].mean(0)).std(),
+                       atol=1e-5)  # one scale for every row: the rows' geometry is kept
+    assert np.allclose(rescaled(np.vstack([table[:1], np.ones((5, 8), np.float32)]), 0.1), 0)  # constant: no content
+    for bad in ("big", 0, -1.0, True):
+        with pytest.raises(ValueError, match="reland_knowledge_norm: .* is not a positive number"):
+            rescaled(table, bad)
 
 
 def test_a_model_without_id_tables_is_refused_before_any_knowledge(reland_config, workdir):

@@ -19,11 +19,16 @@ attention fusion starts near a 50/50 mix with a random projection of the text an
 gradient reaching the ID rows (``benchmarks/suites/reland_fusion_ml100k.yaml`` compares them).
 Where each side enters is :mod:`recbole_llmk.model.fusion`'s rule, shared with REKI and LEARN.
 
+``reland_knowledge_norm`` (a number) centres each side's encoded knowledge over its ids and
+scales it to that mean row norm before the fusion (:func:`rescaled`); the default uses the
+encoder's vectors as they are.
+
 ``reland_user_rationale: False`` gives the "+f_item" ablation; both False the ID-only model.
 """
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
@@ -66,11 +71,40 @@ class ReLandMixin(KnowledgeTechnique, FusionTechnique):
         store = KnowledgeStore.open(built_store_path(config, "ReLand"))
         store.check({"technique": "ReLand", "dataset": config["dataset"],
                      "split": split_fingerprint(training_interactions(dataset))})
-        return {side: torch.from_numpy(run_table(store, config, dataset, side, side)) for side in sides}
+        norm = config["reland_knowledge_norm"]
+        return {side: torch.from_numpy(rescaled(run_table(store, config, dataset, side, side), norm)) for side in sides}
 
     @classmethod
     def side_fusion(cls, model, config, side, dim, knowledge_dims, prefix):
         return None, fusion(config, side, dim, knowledge_dims[side])
+
+
+def check_knowledge_norm(norm):
+    """``norm`` when it is a valid ``reland_knowledge_norm`` (a positive number, or None); else a
+    ValueError that says what to set (the config checks it before any knowledge is built)."""
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0):
+        raise ValueError(f"reland_knowledge_norm: {norm!r} is not a positive number (the mean row norm to scale "
+                         f"the knowledge to, e.g. 0.1) or ~ for the encoder's vectors as they are")
+    return norm
+
+
+def rescaled(table, norm):
+    """``table`` ([n_ids, k], row 0 padding) centred over its ids and scaled so that its rows' mean
+    norm is ``norm`` (``reland_knowledge_norm``; None: the table as it is).
+
+    Why: a text encoder's vectors share a large common component and are far longer than an
+    initialised ID row. Once a fusion's projection opens, the common part shifts every id alike
+    (which a graph model propagates as a bias by degree) and the text outweighs the ID row.
+    Centring loses nothing a projection with a bias could use; the scale sets how loud the text
+    starts against the ID rows."""
+    if check_knowledge_norm(norm) is None:
+        return table
+    out = table.copy()
+    rows = np.asarray(table[1:], dtype=np.float64)  # near-equal rows keep their differences
+    centred = rows - rows.mean(0)
+    mean_norm = float(np.linalg.norm(centred, axis=1).mean()) if len(centred) else 0.0
+    out[1:] = centred * (float(norm) / mean_norm) if mean_norm > 0 else centred  # a constant table: zeros
+    return out
 
 
 @lru_cache(maxsize=None)
