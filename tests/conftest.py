@@ -43,11 +43,16 @@ def write_tiny_dataset(root, name=DATASET, seed=0):
 
 
 def write_tiny_encoder(path):
-    """A 2-layer random-weight BERT with a word-level tokenizer, saved like a real model folder."""
+    """A 2-layer random-weight BERT with a word-level tokenizer, saved like a real model folder.
+    Its vocabulary knows the tiny dataset's titles, genres, years and user attributes, so texts
+    about different users and items encode to different vectors (with only unknown words every
+    description would encode alike, and no test could tell one id's knowledge from another's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(200)]
+    domain = [f"Title{i}" for i in range(1, N_ITEMS + 1)] + GENRES + [str(n) for n in range(1, 2100)]
+    domain += ["student", "artist", "doctor", "M", "F", "Story"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(200)] + domain
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",

@@ -4,7 +4,6 @@ import numpy as np
 import torch
 
 from recbole_llmk.knowledge.controls import apply_control
-from recbole_llmk.knowledge.store import KnowledgeStore
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare
 
 
@@ -34,29 +33,17 @@ def test_constant_gives_every_id_the_mean():
     assert np.allclose(constant[1:], rows[1:].mean(0))
 
 
-def distinct_item_store(config, workdir):
-    """The run's real store, its item vectors replaced by distinct random ones (the tiny encoder
-    knows none of the tiny dataset's words, so every real item vector is the same)."""
-    cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=config)
-    real = build_knowledge(cfg, train_data)
-    tokens, vectors = real.vectors("item")
-    texts = real.texts("item")
-    meta = {k: v for k, v in real.meta.items() if k not in ("kinds", "dims")}
-    rows = np.random.default_rng(0).normal(size=vectors.shape)
-    return KnowledgeStore.write(str(workdir / "distinct"), meta, {"item": (tokens, rows, [texts[t] for t in tokens])})
-
-
 def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets(tiny_config, workdir):
     config = {k: v for k, v in tiny_config.items() if k != "threshold"}
     config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
-    config["knowledge_store_path"] = distinct_item_store(config, workdir).path
-    tables = {}
+    tables, paths = {}, set()
     for control in (None, "shuffled", "constant"):
         cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(config, knowledge_control=control))
-        assert build_knowledge(cfg, train_data).path == config["knowledge_store_path"]
+        paths.add(build_knowledge(cfg, train_data).path)
         tables[control] = create_model(cfg, train_data).item_embedding.knowledge
     real, shuffled, constant = tables[None], tables["shuffled"], tables["constant"]
-    assert len(torch.unique(real[1:], dim=0)) == len(real) - 1
+    assert len(paths) == 1  # one store serves the real run and its controls
+    assert len(torch.unique(real[1:], dim=0)) == len(real) - 1  # every item's text encodes to its own vector
     assert not torch.equal(real, shuffled)
     assert torch.equal(torch.sort(real[1:], dim=0).values, torch.sort(shuffled[1:], dim=0).values)
     assert torch.allclose(constant[1:], real[1:].mean(0).expand_as(constant[1:]), atol=1e-6)
@@ -67,7 +54,6 @@ def test_knowledge_norm_rescales_what_the_model_reads_after_the_control(tiny_con
     the store is untouched, and a constant control leaves no content (zeros)."""
     config = {k: v for k, v in tiny_config.items() if k != "threshold"}
     config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
-    config["knowledge_store_path"] = distinct_item_store(config, workdir).path
     tables = {}
     for control, norm in ((None, None), (None, 0.05), ("constant", 0.05)):
         cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(
