@@ -70,7 +70,7 @@ def check_choices(settings):
         if name in settings and settings[name] not in allowed:
             shown = " | ".join("~" if a is None else a for a in allowed)
             raise ValueError(f"{name}: '{settings[name]}' is not one of {shown} (recbole_llmk/properties/ documents each)")
-    from recbole_llmk.model.reland import check_knowledge_norm
+    from recbole_llmk.techniques.reland import check_knowledge_norm
 
     check_knowledge_norm(settings.get("reland_knowledge_norm"))
 

@@ -11,11 +11,10 @@ import torch
 
 from recbole_llmk.knowledge.history import training_dataset, training_interactions
 from recbole_llmk.knowledge.store import KnowledgeStore
-from recbole_llmk.model.reland import rescaled
 from recbole_llmk.model.layers import AttentionFusion, ConcatFusion, FusedEmbedding, GatedFusion
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare, run_recbole_llmk
 from recbole_llmk.techniques.reland import (SeedSampler, WeightedDraws, nearest_seeds, parse_rationale, proportional_allocation,
-                                            reland_requests, train_behaviour_encoder)
+                                            reland_requests, rescaled, train_behaviour_encoder)
 from recbole_llmk.utils import get_model
 
 

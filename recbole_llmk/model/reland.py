@@ -20,7 +20,8 @@ gradient reaching the ID rows (``benchmarks/suites/reland_fusion_ml100k.yaml`` c
 Where each side enters is :mod:`recbole_llmk.model.fusion`'s rule, shared with REKI and LEARN.
 
 ``reland_knowledge_norm`` (a number) centres each side's encoded knowledge over its ids and
-scales it to that mean row norm before the fusion (:func:`rescaled`); the default uses the
+scales it to that mean row norm before the fusion
+(:func:`recbole_llmk.techniques.reland.rescaled`); the default uses the
 encoder's vectors as they are.
 
 ``reland_user_rationale: False`` gives the "+f_item" ablation; both False the ID-only model.
@@ -28,7 +29,6 @@ encoder's vectors as they are.
 
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from recbole_llmk.knowledge.history import split_fingerprint, training_interactions
@@ -36,7 +36,7 @@ from recbole_llmk.knowledge.store import KnowledgeStore, run_table
 from recbole_llmk.model.fusion import FusionTechnique, fused_variant
 from recbole_llmk.model.layers import make_fusion
 from recbole_llmk.model.technique import KnowledgeTechnique, built_store_path
-from recbole_llmk.techniques.reland import uses_side
+from recbole_llmk.techniques.reland import rescaled, uses_side
 
 
 def fusion(config, side, dim, knowledge_dim):
@@ -77,34 +77,6 @@ class ReLandMixin(KnowledgeTechnique, FusionTechnique):
     @classmethod
     def side_fusion(cls, model, config, side, dim, knowledge_dims, prefix):
         return None, fusion(config, side, dim, knowledge_dims[side])
-
-
-def check_knowledge_norm(norm):
-    """``norm`` when it is a valid ``reland_knowledge_norm`` (a positive number, or None); else a
-    ValueError that says what to set (the config checks it before any knowledge is built)."""
-    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0):
-        raise ValueError(f"reland_knowledge_norm: {norm!r} is not a positive number (the mean row norm to scale "
-                         f"the knowledge to, e.g. 0.1) or ~ for the encoder's vectors as they are")
-    return norm
-
-
-def rescaled(table, norm):
-    """``table`` ([n_ids, k], row 0 padding) centred over its ids and scaled so that its rows' mean
-    norm is ``norm`` (``reland_knowledge_norm``; None: the table as it is).
-
-    Why: a text encoder's vectors share a large common component and are far longer than an
-    initialised ID row. Once a fusion's projection opens, the common part shifts every id alike
-    (which a graph model propagates as a bias by degree) and the text outweighs the ID row.
-    Centring loses nothing a projection with a bias could use; the scale sets how loud the text
-    starts against the ID rows."""
-    if check_knowledge_norm(norm) is None:
-        return table
-    out = table.copy()
-    rows = np.asarray(table[1:], dtype=np.float64)  # near-equal rows keep their differences
-    centred = rows - rows.mean(0)
-    mean_norm = float(np.linalg.norm(centred, axis=1).mean()) if len(centred) else 0.0
-    out[1:] = centred * (float(norm) / mean_norm) if mean_norm > 0 else centred  # a constant table: zeros
-    return out
 
 
 @lru_cache(maxsize=None)

@@ -313,6 +313,35 @@ def train_behaviour_encoder(config, frame):
     return vectors["user"]
 
 
+# --- what the fusion reads -----------------------------------------------------------------------
+def check_knowledge_norm(norm):
+    """``norm`` when it is a valid ``reland_knowledge_norm`` (a positive number, or None); else a
+    ValueError that says what to set (the config checks it before any knowledge is built)."""
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0):
+        raise ValueError(f"reland_knowledge_norm: {norm!r} is not a positive number (the mean row norm to scale "
+                         f"the knowledge to, e.g. 0.1) or ~ for the encoder's vectors as they are")
+    return norm
+
+
+def rescaled(table, norm):
+    """``table`` ([n_ids, k], row 0 padding) centred over its ids and scaled so that its rows' mean
+    norm is ``norm`` (``reland_knowledge_norm``; None: the table as it is).
+
+    Why: a text encoder's vectors share a large common component and are far longer than an
+    initialised ID row. Once a fusion's projection opens, the common part shifts every id alike
+    (which a graph model propagates as a bias by degree) and the text outweighs the ID row.
+    Centring loses nothing a projection with a bias could use; the scale sets how loud the text
+    starts against the ID rows."""
+    if check_knowledge_norm(norm) is None:
+        return table
+    out = table.copy()
+    rows = np.asarray(table[1:], dtype=np.float64)  # near-equal rows keep their differences
+    centred = rows - rows.mean(0)
+    mean_norm = float(np.linalg.norm(centred, axis=1).mean()) if len(centred) else 0.0
+    out[1:] = centred * (float(norm) / mean_norm) if mean_norm > 0 else centred  # a constant table: zeros
+    return out
+
+
 # --- the plan -------------------------------------------------------------------------------------
 def sampler_from(config, n_users):
     return SeedSampler(pool_size(config, n_users), n_clusters=setting(config, "reland_n_clusters"),
