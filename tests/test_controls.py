@@ -33,9 +33,15 @@ def test_constant_gives_every_id_the_mean():
     assert np.allclose(constant[1:], rows[1:].mean(0))
 
 
-def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets(tiny_config, workdir):
+def item_text_config(tiny_config):
+    """BPR_ReLand with item text only ("+f_item"), ranked: one store, no seed prompts."""
     config = {k: v for k, v in tiny_config.items() if k != "threshold"}
     config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
+    return config
+
+
+def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets(tiny_config, workdir):
+    config = item_text_config(tiny_config)
     tables, paths = {}, set()
     for control in (None, "shuffled", "constant"):
         cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(config, knowledge_control=control))
@@ -52,8 +58,7 @@ def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets
 def test_knowledge_norm_rescales_what_the_model_reads_after_the_control(tiny_config, workdir):
     """``reland_knowledge_norm``: the model's rows are the store's, centred and scaled to the norm;
     the store is untouched, and a constant control leaves no content (zeros)."""
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
-    config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
+    config = item_text_config(tiny_config)
     tables = {}
     for control, norm in ((None, None), (None, 0.05), ("constant", 0.05)):
         cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(
