@@ -31,8 +31,15 @@ torch>=2.11,<2.14). Nothing here edits RecBole's files; each fix wraps or subcla
   step's CPU time on ml-100k was kernel time. ``keep_freed_memory: True`` (the default) has the
   process reuse the memory it freed (``keep_freed_memory()``): DIN steps 1.4x, SASRec 1.45x
   faster on one core, and no number changes, since only where tensors live changes.
+- RecBole's beyond-accuracy metrics (AveragePopularity, ItemCoverage, GiniIndex, ShannonEntropy,
+  TailPercentage) read the training split's item counts (a ``Counter``) and its numbers of items
+  and users (``int``), and its evaluation collector calls ``.cpu()`` on every value it collected,
+  so the first evaluation with one of them dies with ``AttributeError`` (RecBole issues 2191,
+  2194). ``PlainValueCollectorMixin`` moves the tensors only; the metrics compute as RecBole
+  writes them.
 """
 
+import copy
 import ctypes
 import os
 import warnings
@@ -121,3 +128,31 @@ class SafeCheckpointMixin:
         torch.save(state, saved_model_file)
         if verbose:
             self.logger.info(f"Saving current: {saved_model_file}")
+
+
+def plain_value_collector(config):
+    """RecBole's evaluation collector, keeping the plain values it collects (the module's notes)."""
+    from recbole.evaluator import Collector  # here, not at the top: this module runs before RecBole may be imported
+
+    class PlainValueCollector(Collector):
+        def get_data_struct(self):
+            values = self.data_struct._data_dict
+            plain = {key: value for key, value in values.items() if not isinstance(value, torch.Tensor)}
+            for key in plain:
+                del values[key]
+            try:
+                struct = super().get_data_struct()  # moves the tensors, copies, drops the batch's results
+            finally:
+                values.update(plain)
+            struct._data_dict.update(copy.deepcopy(plain))
+            return struct
+
+    return PlainValueCollector(config)
+
+
+class PlainValueCollectorMixin:
+    """Trainer mixin: evaluation that takes RecBole's beyond-accuracy metrics (the module's notes)."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.eval_collector = plain_value_collector(config)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from recbole_llmk.compat import SafeCheckpointMixin
+from recbole_llmk.compat import PlainValueCollectorMixin, SafeCheckpointMixin
 from recbole_llmk.distributed import DistributedTrainerMixin
 from recbole_llmk.files import written_whole
 
@@ -167,11 +167,11 @@ class FixedNegativesMixin:
 
 
 def plugin_trainer_class(trainer_class):
-    """The trainer RecBole would pick, with weights-only-safe checkpoints, resumable fits and fixed
-    sampled-evaluation negatives."""
+    """The trainer RecBole would pick, with weights-only-safe checkpoints, resumable fits, fixed
+    sampled-evaluation negatives and beyond-accuracy metrics that evaluate."""
     from recbole.trainer import Trainer
 
     if not issubclass(trainer_class, Trainer):
         return trainer_class  # decision-tree trainers keep their own fit and checkpoint format
     return type(trainer_class.__name__, (FixedNegativesMixin, ResumableMixin, DistributedTrainerMixin, SafeCheckpointMixin,
-                                         trainer_class), {})
+                                         PlainValueCollectorMixin, trainer_class), {})

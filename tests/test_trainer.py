@@ -1,7 +1,9 @@
 """A training run killed mid-way and resumed from its file ends where an unbroken run ends."""
 
+import numpy as np
 import pytest
 import torch
+from recbole.trainer import Trainer
 
 from recbole_llmk.quick_start import build_knowledge, create_model, prepare
 from recbole_llmk.utils import get_trainer
@@ -124,3 +126,41 @@ def test_sampled_evaluation_scores_against_the_same_negatives_whatever_came_befo
         results.append(trainer.evaluate(test_data, load_best_model=False)["auc"])
         assert (np.random.get_state()[1] == before).all() == fixed
     assert (results[0] == results[1]) == fixed
+
+
+BEYOND_ACCURACY = ["AveragePopularity", "ItemCoverage", "GiniIndex", "ShannonEntropy", "TailPercentage"]
+
+
+@pytest.fixture
+def ranking_config(tiny_config):
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    return dict(config, load_col={"inter": ["user_id", "item_id", "timestamp"]}, epochs=2, topk=[5],
+                eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+                metrics=["Hit", "NDCG", *BEYOND_ACCURACY], valid_metric="NDCG@5")
+
+
+def trained(config):
+    config, _, train_data, valid_data, test_data = prepare("BPR", "tiny", config_dict=config)
+    trainer = get_trainer(config)(config, create_model(config, train_data))
+    trainer.fit(train_data, valid_data, saved=False)
+    return trainer, train_data, test_data
+
+
+def test_beyond_accuracy_metrics_evaluate_as_recbole_defines_them(ranking_config):
+    """RecBole 1.2.1's own trainer dies on these metrics (its collector calls .cpu() on the training
+    split's item counts); the plugin's evaluates them, and AveragePopularity@5 is the mean training
+    count of each test user's top 5, recomputed here from the model's own ranking."""
+    from recbole.utils.case_study import full_sort_topk
+
+    trainer, train_data, test_data = trained(ranking_config)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    assert 0 < result["itemcoverage@5"] <= 1 and 0 <= result["giniindex@5"] <= 1
+    users = np.unique(test_data._dataset.inter_feat["user_id"].numpy())
+    _, top = full_sort_topk(users, trainer.model, test_data, 5)
+    counts = train_data._dataset.item_counter
+    expected = np.mean([np.mean([counts.get(int(i), 0) for i in row]) for row in top])
+    assert result["averagepopularity@5"] == pytest.approx(expected, rel=1e-4)
+
+    config, _, train_data, valid_data, _ = prepare("BPR", "tiny", config_dict=ranking_config)
+    with pytest.raises(AttributeError, match="cpu"):  # RecBole's issues 2191 and 2194
+        Trainer(config, create_model(config, train_data)).fit(train_data, valid_data, saved=False)
