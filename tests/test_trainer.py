@@ -1,4 +1,5 @@
-"""A training run killed mid-way and resumed from its file ends where an unbroken run ends."""
+"""The plugin's trainer: a run killed mid-way and resumed from its file ends where an unbroken run
+ends; sampled evaluation scores against fixed negatives; RecBole's beyond-accuracy metrics evaluate."""
 
 import numpy as np
 import pytest
@@ -139,20 +140,15 @@ def ranking_config(tiny_config):
                 metrics=["Hit", "NDCG", *BEYOND_ACCURACY], valid_metric="NDCG@5")
 
 
-def trained(config):
-    config, _, train_data, valid_data, test_data = prepare("BPR", "tiny", config_dict=config)
-    trainer = get_trainer(config)(config, create_model(config, train_data))
-    trainer.fit(train_data, valid_data, saved=False)
-    return trainer, train_data, test_data
-
-
 def test_beyond_accuracy_metrics_evaluate_as_recbole_defines_them(ranking_config):
     """RecBole 1.2.1's own trainer dies on these metrics (its collector calls .cpu() on the training
     split's item counts); the plugin's evaluates them, and AveragePopularity@5 is the mean training
     count of each test user's top 5, recomputed here from the model's own ranking."""
     from recbole.utils.case_study import full_sort_topk
 
-    trainer, train_data, test_data = trained(ranking_config)
+    config, _, train_data, valid_data, test_data = prepare("BPR", "tiny", config_dict=ranking_config)
+    trainer = get_trainer(config)(config, create_model(config, train_data))
+    trainer.fit(train_data, valid_data, saved=False)
     result = trainer.evaluate(test_data, load_best_model=False)
     assert 0 < result["itemcoverage@5"] <= 1 and 0 <= result["giniindex@5"] <= 1
     users = np.unique(test_data._dataset.inter_feat["user_id"].numpy())
