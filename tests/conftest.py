@@ -101,3 +101,11 @@ def tiny_config(workdir, tiny_encoder):
         "seed": 2020,
         "reproducibility": True,
     }
+
+
+@pytest.fixture
+def tiny_ranking_config(tiny_config):
+    """The tiny config as a ranking run: every interaction a positive (no rating ``threshold``),
+    Hit and NDCG at 10, validated on NDCG@10."""
+    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+    return dict(config, metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10")

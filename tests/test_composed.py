@@ -11,9 +11,9 @@ from recbole_llmk.utils import get_model, split_techniques
 
 
 @pytest.fixture
-def composed_config(tiny_config):
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
-    config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_behaviour_epochs=1,
+def composed_config(tiny_ranking_config):
+    config = dict(tiny_ranking_config)
+    config.update(reland_behaviour_epochs=1,
                   reland_behaviour_config={"embedding_size": 8}, reland_seed_ratio=0.2, reland_n_clusters=3,
                   hidden_size=8, inner_size=16, n_layers=1, n_heads=1,
                   eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"})

@@ -1,6 +1,7 @@
 """Control knowledge (``knowledge_control``): same tables, content taken away; the store untouched."""
 
 import numpy as np
+import pytest
 import torch
 
 from recbole_llmk.knowledge.controls import apply_control
@@ -33,15 +34,14 @@ def test_constant_gives_every_id_the_mean():
     assert np.allclose(constant[1:], rows[1:].mean(0))
 
 
-def item_text_config(tiny_config):
+@pytest.fixture
+def item_text_config(tiny_ranking_config):
     """BPR_ReLand with item text only ("+f_item"), ranked: one store, no seed prompts."""
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
-    config.update(metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", reland_user_rationale=False)
-    return config
+    return dict(tiny_ranking_config, reland_user_rationale=False)
 
 
-def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets(tiny_config, workdir):
-    config = item_text_config(tiny_config)
+def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets(item_text_config):
+    config = item_text_config
     tables, paths = {}, set()
     for control in (None, "shuffled", "constant"):
         cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(config, knowledge_control=control))
@@ -55,10 +55,10 @@ def test_a_control_run_reads_the_same_store_and_changes_only_what_the_model_gets
     assert torch.allclose(constant[1:], real[1:].mean(0).expand_as(constant[1:]), atol=1e-6)
 
 
-def test_knowledge_norm_rescales_what_the_model_reads_after_the_control(tiny_config, workdir):
+def test_knowledge_norm_rescales_what_the_model_reads_after_the_control(item_text_config):
     """``reland_knowledge_norm``: the model's rows are the store's, centred and scaled to the norm;
     the store is untouched, and a constant control leaves no content (zeros)."""
-    config = item_text_config(tiny_config)
+    config = item_text_config
     tables = {}
     for control, norm in ((None, None), (None, 0.05), ("constant", 0.05)):
         cfg, _, train_data, _, _ = prepare("BPR_ReLand", "tiny", config_dict=dict(

@@ -12,11 +12,10 @@ SEQUENTIAL = {"GRU4Rec", "SASRec", "BERT4Rec", "NARM"}
 
 
 @pytest.fixture
-def fused_config(tiny_config):
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+def fused_config(tiny_ranking_config):
+    config = dict(tiny_ranking_config)
     config.update(eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
-                  metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10", hidden_size=8, inner_size=16,
-                  n_layers=1, n_heads=1)
+                  hidden_size=8, inner_size=16, n_layers=1, n_heads=1)
     return config
 
 

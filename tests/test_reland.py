@@ -196,9 +196,9 @@ def shared_knowledge(tmp_path_factory):
 
 
 @pytest.fixture
-def reland_config(tiny_config, shared_knowledge):
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
-    config.update(knowledge_dir=shared_knowledge, metrics=["Hit", "NDCG"], topk=[10], valid_metric="NDCG@10",
+def reland_config(tiny_ranking_config, shared_knowledge):
+    config = dict(tiny_ranking_config)
+    config.update(knowledge_dir=shared_knowledge,
                   reland_behaviour_epochs=1, reland_behaviour_config={"embedding_size": 8},
                   reland_seed_ratio=0.2, reland_n_clusters=3, hidden_size=8, inner_size=16, n_layers=1, n_heads=1)
     return config
