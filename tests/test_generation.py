@@ -4,6 +4,7 @@ No real LLM service is called: ``tests/llm_server.py`` plays the OpenAI-compatib
 injects the faults, and a tiny random-weight GPT-2 plays the local ``hf`` model.
 """
 
+import errno
 import json
 import logging
 import os
@@ -418,6 +419,17 @@ def test_a_truncated_last_cache_line_is_skipped_and_appends_stay_readable(tmp_pa
     final = LLMCache(str(tmp_path))
     assert [final.get(h) for h in ("h1", "h2", "h3", "h4")] == ["r1", "r2", None, "r4"]
     assert json.loads(cache_lines(tmp_path)[-1])["response"] == "r4"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device every write to fails as a full disk)")
+def test_a_cache_on_a_full_disk_names_its_file_and_what_to_do(tmp_path):
+    cache = LLMCache(str(tmp_path))
+    os.symlink("/dev/full", cache.path)  # every write fails with ENOSPC, as on a full disk
+    with pytest.raises(OSError) as info:
+        cache.put("h1", "user:1", "m", "p1", "r1")
+    assert info.value.errno == errno.ENOSPC
+    assert cache.path in str(info.value) and "only the prompts still missing are sent" in str(info.value)
+    assert cache.get("h1") is None  # not counted as cached
 
 
 def test_a_cache_holds_places_and_reads_records_back_whoever_appended_them(tmp_path):

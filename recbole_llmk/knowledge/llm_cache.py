@@ -104,6 +104,22 @@ class LLMCache:
             return None
         return record
 
+    def _append(self, line):
+        """Append ``line`` (fsynced) -> (the bytes written, the file offset where they ended)."""
+        # One O_APPEND write per record: even two processes sharing the cache never interleave.
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # A kill mid-write (in any process) leaves a line without its newline: never glue onto it.
+            size = os.fstat(fd).st_size
+            data = (b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b"") + line
+            written = os.write(fd, data)
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+            return data, os.lseek(fd, 0, os.SEEK_CUR)  # where this write ended, whatever others appended
+        finally:
+            os.close(fd)
+
     def refresh(self):
         """Read the records other processes appended since this cache last read the file."""
         with self._lock:
@@ -165,19 +181,13 @@ class LLMCache:
                   **{name: value for name, value in extra.items() if value is not None}}
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            # One O_APPEND write per record: even two processes sharing the cache never interleave.
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                # A kill mid-write (in any process) leaves a line without its newline: never glue onto it.
-                size = os.fstat(fd).st_size
-                data = (b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b"") + line
-                written = os.write(fd, data)
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
-                end = os.lseek(fd, 0, os.SEEK_CUR)  # where this write ended, whatever others appended
-            finally:
-                os.close(fd)
+                data, end = self._append(line)
+            except OSError as exc:  # a full disk above all: say which file, and that nothing cached is lost
+                raise OSError(exc.errno, f"{exc.strerror}: could not write an answer to the LLM cache "
+                                         f"{self.path} (the answers cached before it are kept; fix the "
+                                         "cause, e.g. free disk space, and rerun: only the prompts still "
+                                         "missing are sent)") from exc
             self._places[hash_] = (end - len(line), len(line) - 1)
             if self._offset == end - len(data):
                 self._offset += len(data)  # nothing else was appended meanwhile
