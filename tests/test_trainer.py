@@ -103,8 +103,8 @@ def test_epochs_between_evaluations_are_saved_too(config, workdir, kill_at):
     assert resumed_best == best and resumed_test == test
 
 
-def sampled_run(tiny_config, fixed):
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
+def sampled_run(tiny_ranking_config, fixed):
+    config = dict(tiny_ranking_config)
     config.update(eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni10"},
                   metrics=["AUC"], valid_metric="AUC", eval_fixed_negatives=fixed, train_batch_size=32)
     config, _, train_data, _, test_data = prepare("BPR", "tiny", config_dict=config)
@@ -113,13 +113,13 @@ def sampled_run(tiny_config, fixed):
 
 
 @pytest.mark.parametrize("fixed", [True, False])
-def test_sampled_evaluation_scores_against_the_same_negatives_whatever_came_before(tiny_config, fixed):
+def test_sampled_evaluation_scores_against_the_same_negatives_whatever_came_before(tiny_ranking_config, fixed):
     """uni10 on a stock model: with eval_fixed_negatives the result does not depend on numpy's
     generator before the evaluation (other epochs, another model's knowledge building), and the
     generator is given back untouched; RecBole's own behaviour (False) draws other negatives."""
     import numpy as np
 
-    trainer, test_data = sampled_run(tiny_config, fixed)
+    trainer, test_data = sampled_run(tiny_ranking_config, fixed)
     results = []
     for seed in (1, 2):
         np.random.seed(seed)
@@ -133,9 +133,8 @@ BEYOND_ACCURACY = ["AveragePopularity", "ItemCoverage", "GiniIndex", "ShannonEnt
 
 
 @pytest.fixture
-def ranking_config(tiny_config):
-    config = {k: v for k, v in tiny_config.items() if k != "threshold"}
-    return dict(config, load_col={"inter": ["user_id", "item_id", "timestamp"]}, epochs=2, topk=[5],
+def ranking_config(tiny_ranking_config):
+    return dict(tiny_ranking_config, load_col={"inter": ["user_id", "item_id", "timestamp"]}, epochs=2, topk=[5],
                 eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
                 metrics=["Hit", "NDCG", *BEYOND_ACCURACY], valid_metric="NDCG@5")
 
