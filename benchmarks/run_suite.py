@@ -32,6 +32,8 @@ from harness.staleness import reuse_cell, stale_keys, twin_cell  # noqa: E402
 from harness.statistics import summarize  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 
+PROGRESS = "@progress "  # a cell's progress reports on its stdout start with this
+
 
 def set_aside(folder, path):
     """Move a cell that no longer matches its suite to ``<folder>/stale`` (its numbers are kept,
@@ -47,6 +49,34 @@ def set_aside(folder, path):
 def resume_file_of(folder, label, seed):
     """Where a cell's training state waits for a rerun after a kill (removed when the cell ends)."""
     return cell_file(folder, label, seed, "claims", ".resume.pth")
+
+
+def report_progress(**event):
+    """A cell's progress (see ``run_cell``), for the runner that started it."""
+    print(PROGRESS + json.dumps(event), flush=True)
+
+
+def follow_progress(lines, name):
+    """Show a running cell's progress from its reports on ``lines`` until it ends: when its
+    knowledge was ready, then a bar of its training epochs with the time left (epochs, not
+    batches: a Beauty SASRec epoch is minutes on a CPU)."""
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        for line in lines:
+            if not line.startswith(PROGRESS):
+                continue
+            event = json.loads(line[len(PROGRESS):])
+            if "knowledge_seconds" in event:
+                tqdm.write(f"    {name}: knowledge ready after {event['knowledge_seconds']:.0f} s", file=sys.stdout)
+            elif bar is None:  # a resumed cell starts after its saved epochs: they are not timed
+                bar = tqdm(total=event["epochs"], initial=event["epoch"], desc=f"    {name}", unit="epoch", leave=False)
+            else:
+                bar.update(event["epoch"] - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def claim(folder, label, seed, kind):
@@ -99,14 +129,23 @@ def run_cells(suite, folder, todo, jobs=1, stores_only=False):
                 print(f"[{index}/{len(todo)}] {label} seed {seed}: "
                       f"{'another runner has it' if not mine else 'finished by another runner'}, skipped", flush=True)
                 return False, None
-            print(f"[{index}/{len(todo)}] {label} seed {seed} ...", flush=True)
+            # the cell's own output (RecBole's log, the LLM's and the encoder's progress bars) goes to a
+            # file to follow while it runs; kept only if the cell fails
+            console = cell_file(folder, label, seed, "claims", f".{kind}.out")
+            print(f"[{index}/{len(todo)}] {label} seed {seed} ... (its output: {os.path.relpath(console)})", flush=True)
             begin = time.time()
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), suite["file"],
-                                   f"--cell={label},{seed},{output}"] + (["--stores-only"] if stores_only else []),
-                                  cwd=folder, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"{label} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}", file=sys.stderr, flush=True)
+            with open(console, "w") as err:
+                cell = subprocess.Popen([sys.executable, os.path.abspath(__file__), suite["file"],
+                                         f"--cell={label},{seed},{output}"] + (["--stores-only"] if stores_only else []),
+                                        cwd=folder, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+                follow_progress(cell.stdout, f"{label} seed {seed}")
+                returncode = cell.wait()
+        if returncode != 0:
+            with open(console) as f:
+                tail = f.read()[-4000:]
+            print(f"{label} seed {seed} failed (exit {returncode}; its output: {console}):\n{tail}", file=sys.stderr, flush=True)
             return True, f"{label}-{seed}"
+        os.remove(console)
         with open(output) as f:
             result = json.load(f)
         shown = result["store"] if stores_only else result["test"]
@@ -159,7 +198,8 @@ def main():
             cell = build_cell_store(entry["model"], suite["dataset"], config)
         else:
             folder = os.path.dirname(os.path.dirname(os.path.abspath(output)))
-            cell = run_cell(entry["model"], suite["dataset"], config, label, resume_file_of(folder, label, seed))
+            cell = run_cell(entry["model"], suite["dataset"], config, label, resume_file_of(folder, label, seed),
+                            report_progress)
             cell["settings"] = cell_settings(suite, entry, int(seed))
         with written_whole(output) as tmp, open(tmp, "w") as f:
             json.dump(cell, f, indent=2)

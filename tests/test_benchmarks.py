@@ -3,12 +3,15 @@
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy import stats
 
@@ -45,6 +48,8 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert made["versions"]["recbole"] == "1.2.1" and made["threads"] == 1 and made["device"] == "cpu"
     assert made["store"].startswith("REKI-none-") and made["wall_seconds"] > 0
     assert "4 cells ran" in summary and "load average at the end of 4 of 4 cells" in summary
+    assert first.stdout.count("knowledge ready after") == 2  # the REKI cells', not the stock ones'
+    assert not [f for f in os.listdir(folder / "claims") if f.endswith(".out")]  # a finished cell's output goes
     assert (folder / "uplift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     stamps = {c: os.path.getmtime(folder / "cells" / c) for c in cells}
@@ -131,6 +136,18 @@ def test_a_cell_whose_settings_the_suite_changed_is_set_aside_and_run_again(tiny
     assert "left out: 1 cell run under settings the suite has changed since (DeepFM-1: epochs; rerun them)" in report
 
 
+def test_a_failed_cell_keeps_its_output_and_the_runner_says_where(tiny_config, workdir):
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    suite = {"dataset": "tiny", "models": ["DeepFM"], "seeds": [1], "config": dict(config, knowledge_control="no-such-control")}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--results", str(workdir / "results")]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "DeepFM seed 1 failed (exit 1" in failed.stderr
+    console = re.search(r"its output: (\S+)\)", failed.stderr).group(1)
+    assert "no-such-control" in open(console).read() and "no-such-control" in failed.stderr
+
+
 def test_a_killed_cell_resumes_to_the_result_of_an_unbroken_one(tiny_config, workdir):
     import signal
     import time
@@ -153,9 +170,15 @@ def test_a_killed_cell_resumes_to_the_result_of_an_unbroken_one(tiny_config, wor
     os.killpg(runner.pid, signal.SIGKILL)  # the runner and its cell, as a closed session would
     runner.wait()
     assert os.path.isfile(state) and not (folder / "cells" / "DeepFM-1.json").exists()
+    state_copy = workdir / "state.pth"
+    shutil.copy(state, state_copy)
 
     resumed = subprocess.run(command("killed"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    saved_epochs = torch.load(state_copy, weights_only=True)["epoch"] + 1
+    # the runner's bar of epochs starts after the saved ones (they are not timed again) up to the last, 8th
+    shown = re.findall(r"DeepFM seed 1: +\d+%\|[^|]*\| (\d+)/8 ", resumed.stderr)
+    assert shown and int(shown[0]) == saved_epochs and shown[-1] == "7", resumed.stderr[-3000:]
     unbroken = subprocess.run(command("unbroken"), capture_output=True, text=True, timeout=600)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     cell = json.loads((folder / "cells" / "DeepFM-1.json").read_text())

@@ -10,10 +10,12 @@ from harness import ROOT
 from harness.schema import file_label, is_stock
 
 
-def run_cell(model, dataset, config, label=None, resume_file=None):
+def run_cell(model, dataset, config, label=None, resume_file=None, progress=None):
     """Train, evaluate and time one cell in this process; -> a JSON-able dict. With
     ``resume_file``, training saves its state there after each epoch and a rerun of a
-    killed cell continues from it (to the same numbers; see recbole_llmk.trainer)."""
+    killed cell continues from it (to the same numbers; see recbole_llmk.trainer).
+    ``progress(**event)`` hears where the cell is: ``knowledge_seconds`` once its knowledge is
+    built (a stock model has none), then ``epoch`` (epochs done) and ``epochs`` as each training epoch starts."""
     import resource
 
     import torch
@@ -28,8 +30,11 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
     start = time.time()
     store = build_knowledge(config, train_data)
     knowledge_seconds = time.time() - start
+    progress = progress or (lambda **event: None)
+    if store is not None:
+        progress(knowledge_seconds=knowledge_seconds)
     net = create_model(config, train_data)
-    trainer = get_trainer(config)(config, net)
+    trainer = reporting_epochs(get_trainer(config), progress)(config, net)
     trainer.resume_file, trainer.resume_key = resume_file, key
     # RecBole names the best model by model and second: two cells of one model started in the same
     # second (a GPU machine starting 8 at once) would then test each other's model. The label and
@@ -66,6 +71,18 @@ def run_cell(model, dataset, config, label=None, resume_file=None):
         os.remove(resume_file)  # first: a state must never outlive the best model it names
     os.remove(trainer.saved_model_file)
     return cell
+
+
+def reporting_epochs(trainer_class, progress):
+    """``trainer_class`` telling ``progress`` each epoch it starts (after a resume, the first is
+    the epoch after the saved one), so a runner can show where a cell is and when it will end."""
+
+    class Reporting(trainer_class):
+        def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+            progress(epoch=epoch_idx, epochs=self.epochs)
+            return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+
+    return Reporting
 
 
 def knowledge_report(config, store):
