@@ -267,6 +267,20 @@ def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     assert statistics.summarize(suite, cells)[1]["auc_p"] is None  # and summary.csv leaves its p empty
 
 
+def test_the_same_difference_on_every_seed_reports_no_test(tmp_path):
+    # LEARN-tower2-tiled-logq against SASRec on Beauty, seeds 2020-2021: both NDCG@10 differences are
+    # -0.0242 at RecBole's 4 decimals, and the t-test said p=0.000 with a zero-width interval
+    suite = {"name": "s", "dataset": "d", "seeds": [1, 2], "models": ["SASRec", {"label": "LEARN", "model": "LEARN", "stock": "SASRec"}]}
+    cells = [{"model": "SASRec", "seed": 1, "test": {"ndcg@10": 0.0426}}, {"model": "SASRec", "seed": 2, "test": {"ndcg@10": 0.042}},
+             {"model": "LEARN", "seed": 1, "test": {"ndcg@10": 0.0184}}, {"model": "LEARN", "seed": 2, "test": {"ndcg@10": 0.0178}}]
+    row = statistics.summarize(suite, cells)[1]
+    assert row["ndcg@10_p"] is None and row["ndcg@10_ci"] is None
+    report = reports.write_reports(suite, [row], str(tmp_path), 1.0, 1, 4, cells)
+    assert "| LEARN | 2 | 0.0181 ± 0.0004 | -57.21% (the same difference on all 2 seeds: no test) |" in report
+    cells[3]["test"]["ndcg@10"] = 0.0179  # one ten-thousandth apart: a test again
+    assert statistics.summarize(suite, cells)[1]["ndcg@10_p"] is not None
+
+
 def test_a_row_whose_cells_ran_on_cpu_and_gpu_reports_no_times(tmp_path):
     suite = {"name": "s", "dataset": "d", "seeds": [1, 2, 3], "models": ["DIN", "DIN_REKI"]}
     cpu = {"train_epoch_seconds": 120.0, "infer_batch_ms": 700.0, "epochs_run": 40}

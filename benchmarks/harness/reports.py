@@ -71,14 +71,15 @@ def versus_table(rows, metrics):
 
 
 def change(row, metric, against):
-    """Relative change with its paired-test p, or the note that one shared seed allows no test;
+    """Relative change with its paired-test p, or why there is no test (:func:`untested`);
     marked when its pairs mix devices or code versions (:func:`mixed_pairs`)."""
     if f"{metric}{against}_rel" not in row:
         return ""
     p, interval = row[f"{metric}{against}_p"], row.get(f"{metric}{against}_ci")
     marks = row.get(f"{against.lstrip('_')}_mixed" if against else "mixed") or ""
     ci = f", 95% CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}%" if interval else ""
-    return (f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + ("(1 shared seed: no test)" if p is None else f"(p={p:.3f}{ci})")
+    tested = f"({row[f'{metric}{against}_untested']}: no test)" if p is None else f"(p={p:.3f}{ci})"
+    return (f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + tested
             + (f" {marks}" if marks else ""))
 
 

@@ -20,12 +20,24 @@ def mixed_pairs(runs, others):
 
 
 def paired_change(runs, others, metric):
-    """(relative change of the mean, paired t-test p) of ``metric`` on the seeds both ran; p is
-    None when they share one seed, which allows no test."""
+    """(relative change of the mean, paired t-test p, why there is no test) of ``metric`` on the
+    seeds both ran; p is None, and the reason says why, where :func:`untested` finds no test."""
     from scipy import stats
 
     ours, theirs = paired_values(runs, others, metric)
-    return (ours.mean() - theirs.mean()) / theirs.mean(), stats.ttest_rel(ours, theirs).pvalue if len(ours) > 1 else None
+    reason = untested(ours - theirs)
+    return (ours.mean() - theirs.mean()) / theirs.mean(), None if reason else stats.ttest_rel(ours, theirs).pvalue, reason
+
+
+def untested(diff):
+    """Why paired differences allow no t-test; None when they allow one. One shared seed has no
+    spread; nor do differences equal on every seed, which happens (RecBole records metrics to 4
+    decimals): the t statistic is then infinite, and its p of 0 would claim certainty from two ties."""
+    if len(diff) < 2:
+        return "1 shared seed"
+    if diff.max() - diff.min() < 1e-9:
+        return f"the same difference on all {len(diff)} seeds"
+    return None
 
 
 def paired_values(runs, others, metric):
@@ -37,16 +49,26 @@ def paired_values(runs, others, metric):
 
 def paired_interval(runs, others, metric, level=0.95):
     """The ``level`` confidence interval of the paired difference's mean (t distribution over the
-    shared seeds), relative to the other row's mean; None below two shared seeds."""
+    shared seeds), relative to the other row's mean; None where :func:`untested` finds no test."""
     import numpy as np
     from scipy import stats
 
     ours, theirs = paired_values(runs, others, metric)
-    if len(ours) < 2:
-        return None
     diff = ours - theirs
+    if untested(diff):
+        return None
     half = stats.t.ppf((1 + level) / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
     return (diff.mean() - half) / theirs.mean(), (diff.mean() + half) / theirs.mean()
+
+
+def compare(row, against, runs, others, metric):
+    """Put ``runs``' paired comparison with ``others`` on ``metric`` in ``row``, under keys ending in
+    ``against`` ('' for the stock backbone, '_versus' for the entry a row names)."""
+    key = f"{metric}{against}"
+    row[f"{key}_rel"], row[f"{key}_p"], reason = paired_change(runs, others, metric)
+    row[f"{key}_ci"] = paired_interval(runs, others, metric)
+    if reason:
+        row[f"{key}_untested"] = reason
 
 
 TIME_KEYS = ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored")
@@ -80,13 +102,11 @@ def summarize(suite, cells):
             if len(values) > 1:  # one seed has no spread: leave it out rather than print ± 0
                 row[f"{metric}_std"] = values.std(ddof=1)
             if base and base in by_model:
-                row[f"{metric}_rel"], row[f"{metric}_p"] = paired_change(runs, by_model[base], metric)
-                row[f"{metric}_ci"] = paired_interval(runs, by_model[base], metric)
+                compare(row, "", runs, by_model[base], metric)
                 row["mixed"] = mixed_pairs(runs, by_model[base])
             if entry["versus"] in by_model:
                 row["versus"] = entry["versus"]
-                row[f"{metric}_versus_rel"], row[f"{metric}_versus_p"] = paired_change(runs, by_model[entry["versus"]], metric)
-                row[f"{metric}_versus_ci"] = paired_interval(runs, by_model[entry["versus"]], metric)
+                compare(row, "_versus", runs, by_model[entry["versus"]], metric)
                 row["versus_mixed"] = mixed_pairs(runs, by_model[entry["versus"]])
         devices = Counter(ran_on(c) for c in runs.values())
         row["ran_on"] = ", ".join(f"{device} {n}" for device, n in sorted(devices.items()))
