@@ -71,7 +71,9 @@ def follow_progress(lines, name):
             if "knowledge_seconds" in event:
                 tqdm.write(f"    {name}: knowledge ready after {event['knowledge_seconds']:.0f} s", file=sys.stdout)
             elif bar is None:  # a resumed cell starts after its saved epochs: they are not timed
-                bar = tqdm(total=event["epochs"], initial=event["epoch"], desc=f"    {name}", unit="epoch", leave=False)
+                # every epoch shown (tqdm skips updates within 0.1 s of the last, and tiny epochs are that fast)
+                bar = tqdm(total=event["epochs"], initial=event["epoch"], desc=f"    {name}", unit="epoch", leave=False,
+                           mininterval=0, miniters=1)
             else:
                 bar.update(event["epoch"] - bar.n)
     finally:
