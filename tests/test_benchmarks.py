@@ -176,7 +176,7 @@ def test_a_killed_cell_resumes_to_the_result_of_an_unbroken_one(tiny_config, wor
     resumed = subprocess.run(command("killed"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     saved_epochs = torch.load(state_copy, weights_only=True)["epoch"] + 1
-    # the runner's bar of epochs starts after the saved ones (they are not timed again) up to the last, 8th
+    # the runner's bar starts after the saved epochs (they are not timed again); its last update is the 8th epoch's start, 7/8
     shown = re.findall(r"DeepFM seed 1: +\d+%\|[^|]*\| (\d+)/8 ", resumed.stderr)
     assert shown and int(shown[0]) == saved_epochs and shown[-1] == "7", resumed.stderr[-3000:]
     unbroken = subprocess.run(command("unbroken"), capture_output=True, text=True, timeout=600)
