@@ -10,6 +10,7 @@ import sys
 import time
 
 from recbole.utils import init_logger, init_seed, set_color
+import torch.distributed as dist
 
 from recbole_llmk.compat import make_run_folders, set_process_modes
 from recbole_llmk.config import LLMKConfig
@@ -93,10 +94,22 @@ def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dic
 
 
 def run_rank(rank, model, dataset, config_file_list, config_dict, saved, run, queue):
-    """One process of a distributed run (what RecBole's ``run_recboles`` is to ``run_recbole``)."""
-    result = run_one(model, dataset, config_file_list, dict(config_dict, local_rank=rank), saved, run)
+    """One process of a distributed run (what RecBole's ``run_recboles`` is to ``run_recbole``).
+
+    Every rank drops its model and trainer (the trainer's ``DistributedDataParallel`` holds the
+    process group and gloo's work) and waits for the others before the group is destroyed; once,
+    in CI, a rank that destroyed the group under a live wrapper without waiting aborted (SIGABRT,
+    "terminate called without an active exception")."""
+    config, dataset, train_data, valid_data, test_data = prepare(
+        model, dataset, config_file_list, dict(config_dict, local_rank=rank))
+    try:
+        result = run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
+        result = {k: v for k, v in result.items() if k not in ("model", "trainer")}  # frees the DDP wrapper
+        dist.barrier()
+    finally:
+        finish(config)
     if rank == 0:
-        queue.put({k: v for k, v in result.items() if k not in ("model", "trainer")})
+        queue.put(result)
 
 
 def run_one(model, dataset, config_file_list, config_dict, saved, run):
