@@ -174,6 +174,12 @@ def run_setup(suite, folder):
             subprocess.run(argv, cwd=ROOT, check=True)
 
 
+def read_suite(path):
+    suite = load_suite(path)
+    suite["path"] = os.path.relpath(path, ROOT)
+    return suite
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite")
@@ -188,8 +194,7 @@ def main():
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: model,seed,output
     args = parser.parse_args()
     args.suite = os.path.abspath(args.suite)  # cells run inside the results folder
-    suite = load_suite(args.suite)
-    suite["path"] = os.path.relpath(args.suite, ROOT)
+    suite = read_suite(args.suite)
     by_label = {e["label"]: e for e in suite["entries"]}
     if args.cell:
         label, seed, output = args.cell.split(",", 2)
@@ -219,6 +224,8 @@ def main():
             raise SystemExit(f"{len(failed)} stores failed: {', '.join(failed)}")
         print(f"{n_cells(ran)}' knowledge stores built or found in {(time.time() - start) / 60:.1f} min; no cell trained")
         return
+    if ran:  # read again: rows added to the file while the cells ran (hours) belong in the summary
+        suite = read_suite(args.suite)
     finished = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     cells, stale = [], {}
     for cell in finished:
