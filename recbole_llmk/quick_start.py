@@ -94,28 +94,24 @@ def run_recbole_llmk(model=None, dataset=None, config_file_list=None, config_dic
 
 
 def run_rank(rank, model, dataset, config_file_list, config_dict, saved, run, queue):
-    """One process of a distributed run (what RecBole's ``run_recboles`` is to ``run_recbole``).
-
-    Every rank drops its model and trainer (the trainer's ``DistributedDataParallel`` holds the
-    process group and gloo's work) and waits for the others before the group is destroyed; once,
-    in CI, a rank that destroyed the group under a live wrapper without waiting aborted (SIGABRT,
-    "terminate called without an active exception")."""
-    config, dataset, train_data, valid_data, test_data = prepare(
-        model, dataset, config_file_list, dict(config_dict, local_rank=rank))
-    try:
-        result = run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
-        result = {k: v for k, v in result.items() if k not in ("model", "trainer")}  # frees the DDP wrapper
-        dist.barrier()
-    finally:
-        finish(config)
+    """One process of a distributed run (what RecBole's ``run_recboles`` is to ``run_recbole``)."""
+    result = run_one(model, dataset, config_file_list, dict(config_dict, local_rank=rank), saved, run)
     if rank == 0:
         queue.put(result)
 
 
 def run_one(model, dataset, config_file_list, config_dict, saved, run):
+    """One process's run. In a distributed run every rank drops its model and trainer (the
+    trainer's ``DistributedDataParallel`` holds the process group and gloo's work) and waits for
+    the others before the group is destroyed; once, in CI, a rank that destroyed the group under a
+    live wrapper without waiting aborted (SIGABRT, "terminate called without an active exception")."""
     config, dataset, train_data, valid_data, test_data = prepare(model, dataset, config_file_list, config_dict)
     try:
-        return run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
+        result = run_prepared(config, dataset, train_data, valid_data, test_data, saved, run)
+        if is_distributed(config):
+            result = {k: v for k, v in result.items() if k not in ("model", "trainer")}  # frees the DDP wrapper
+            dist.barrier()
+        return result
     finally:
         finish(config)
 
@@ -170,7 +166,9 @@ def write_results(config, result, seconds):
     from recbole_llmk.files import written_whole
 
     logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    if not logs or config["local_rank"] != 0:  # one results file for a distributed run: rank 0's  # logging set up by someone else (a notebook, a test runner): no log to sit beside
+    # no log to sit beside when someone else set logging up (a notebook, a test runner); one
+    # results file for a distributed run: rank 0's
+    if not logs or config["local_rank"] != 0:
         return None
     path = os.path.splitext(logs[0])[0] + ".json"
     summary = {"model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
