@@ -18,6 +18,7 @@ from scipy import stats
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import run_suite  # noqa: E402
+import valid_test_curves  # noqa: E402
 from harness import plots, reports, schema, staleness, statistics  # noqa: E402
 
 
@@ -58,6 +59,28 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert again.stdout.count("done earlier, skipped") == 4
     assert "no cell ran in this invocation" in (folder / "summary.md").read_text()
     assert stamps == {c: os.path.getmtime(folder / "cells" / c) for c in cells}
+
+
+def test_test_curves_record_every_validation_and_leave_the_cell_as_it_was(tiny_config, workdir):
+    """Scoring the test split after each validation changes no number of the run: the curve's
+    run ends with the suite cell's own test result (``matches_suite_cell`` compares them)."""
+    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
+    suite = {"dataset": "tiny", "models": ["DeepFM_REKI"], "seeds": [1], "config": dict(config, epochs=3)}
+    path = workdir / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    results = ["--results", str(workdir / "results")]
+    cell = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path)] + results,
+                          capture_output=True, text=True, timeout=600)
+    assert cell.returncode == 0, cell.stderr[-3000:]
+    curves = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "valid_test_curves.py"), str(path)] + results,
+                            capture_output=True, text=True, timeout=600)
+    assert curves.returncode == 0, curves.stderr[-3000:]
+    run = json.loads((workdir / "results" / "suite" / "curves" / "DeepFM_REKI-1.json").read_text())
+    assert [point["epoch"] for point in run["curve"]] == [0, 1, 2] and run["valid_metric"] == "auc"
+    chosen = valid_test_curves.chosen(run)  # the epoch RecBole's early stop kept
+    assert chosen["test"] == run["test"] and chosen["valid_score"] == run["valid"]["auc"]
+    assert run["matches_suite_cell"] is True
+    assert "| DeepFM_REKI | 1 | 3 |" in curves.stdout
 
 
 def test_stores_only_builds_the_knowledge_and_trains_nothing(tiny_config, workdir):

@@ -10,12 +10,14 @@ from harness import ROOT
 from harness.schema import file_label, is_stock
 
 
-def run_cell(model, dataset, config, label=None, resume_file=None, progress=None):
+def run_cell(model, dataset, config, label=None, resume_file=None, progress=None, on_validation=None):
     """Train, evaluate and time one cell in this process; -> a JSON-able dict. With
     ``resume_file``, training saves its state there after each epoch and a rerun of a
     killed cell continues from it (to the same numbers; see recbole_llmk.trainer).
     ``progress(**event)`` hears where the cell is: ``knowledge_seconds`` once its knowledge is
-    built (a stock model has none), then ``epoch`` (epochs done) and ``epochs`` as each training epoch starts."""
+    built (a stock model has none), then ``epoch`` (epochs done) and ``epochs`` as each training epoch starts.
+    ``on_validation(trainer, test_data, epoch, valid_score)`` runs after each validation (RecBole's
+    ``fit`` callback), e.g. to score the test split along the way (``valid_test_curves.py``)."""
     import resource
 
     import torch
@@ -41,7 +43,8 @@ def run_cell(model, dataset, config, label=None, resume_file=None, progress=None
     # process id make the name one cell's own.
     name = f"{file_label(label or model)}-{config['seed']}-{get_local_time()}-{os.getpid()}.pth"
     trainer.saved_model_file = os.path.join(config["checkpoint_dir"], name)
-    best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    callback = on_validation and (lambda epoch, score: on_validation(trainer, test_data, epoch, score))
+    best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=callback)
     test_result = trainer.evaluate(test_data, load_best_model=True)
     epoch_seconds = trainer.epoch_seconds  # those of killed earlier runs of this cell included
     cell = {
