@@ -14,7 +14,9 @@ curve records whether its test result matches it digit for digit. Writes
 each evaluated epoch, with the cell's provenance) and prints, per label over its seeds: the
 validation metric at the chosen epoch, the test metric there (the cell's result), their ratio,
 the test metric at the last evaluation and the best over all evaluations (an oracle no cell may
-use: what the choice by validation leaves). Not part of the test suite.
+use: what the choice by validation leaves) and, for a top-k metric, the test change against the
+row's stock with its 95 % interval over the test users (the suite's paired t-test varies only
+the training seed on one split of the data). Not part of the test suite.
 """
 
 import argparse
@@ -35,19 +37,47 @@ from recbole_llmk.files import written_whole  # noqa: E402
 
 def record_test(curve):
     """``run_cell``'s validation callback: the test split's scores at each validated epoch (and
-    the name of the validation metric, as the trainer reads it)."""
+    the name of the validation metric, as the trainer reads it); for a top-k validation metric,
+    each test user's value of it at the epoch the early stop keeps so far (RecBole's rule: an
+    equal or better validation score)."""
     def on_validation(trainer, test_data, epoch, valid_score):
-        test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+        test, users = evaluated_per_user(trainer, test_data, trainer.valid_metric)
         curve["valid_metric"], curve["bigger_is_better"] = trainer.valid_metric, trainer.valid_metric_bigger
         curve["points"].append({"epoch": epoch, "valid_score": float(valid_score),
                                 "test": {k: float(v) for k, v in test.items()}})
+        if valid_score == trainer.best_valid_score:  # fit has just kept this epoch
+            curve["per_user_test"] = users
     return on_validation
+
+
+def evaluated_per_user(trainer, data, metric):
+    """RecBole's evaluation of ``data`` with the current weights, and each user's value of the
+    top-k ``metric`` (e.g. ``ndcg@10``) in the evaluator's user order, rounded to 5 digits
+    (None for a metric that is not top-k, e.g. AUC)."""
+    evaluator, seen = trainer.evaluator, {}
+    name, _, k = metric.partition("@")
+    whole = evaluator.evaluate
+
+    def keeping(struct):
+        seen["struct"] = struct
+        return whole(struct)
+
+    evaluator.evaluate = keeping  # the collector drops the top-k table once the evaluator has it
+    try:
+        result = trainer.evaluate(data, load_best_model=False, show_progress=False)
+    finally:
+        del evaluator.evaluate
+    if not k or name not in evaluator.metric_class:
+        return result, None
+    scorer = evaluator.metric_class[name]
+    values = scorer.metric_info(*scorer.used_info(seen["struct"]))[:, int(k) - 1]
+    return result, [round(float(v), 5) for v in values]
 
 
 def run_curve(suite, label, seed, output):
     """One cell with its test curve, in this process (inside the suite's results folder)."""
     entry = {e["label"]: e for e in entries(suite)}[label]
-    curve = {"valid_metric": None, "bigger_is_better": True, "points": []}
+    curve = {"valid_metric": None, "bigger_is_better": True, "points": [], "per_user_test": None}
     cell = run_cell(entry["model"], suite["dataset"], cell_config(suite, entry, seed), label,
                     on_validation=record_test(curve))
     suite_cell = cell_file(os.path.dirname(os.path.dirname(output)), label, seed)
@@ -57,7 +87,8 @@ def run_curve(suite, label, seed, output):
             matches = json.load(f)["test"] == cell["test"]
     result = {"label": label, "seed": seed, "valid_metric": curve["valid_metric"],
               "bigger_is_better": curve["bigger_is_better"], "curve": curve["points"], "test": cell["test"], "valid": cell["valid"], "epochs_run": cell["epochs_run"],
-              "matches_suite_cell": matches, "provenance": cell["provenance"]}
+              "matches_suite_cell": matches, "per_user_test": curve["per_user_test"],
+              "provenance": cell["provenance"]}
     with written_whole(output) as tmp, open(tmp, "w") as f:
         json.dump(result, f, indent=2)
 
@@ -93,7 +124,27 @@ def summary_row(runs):
             "same as cell": sum(bool(r["matches_suite_cell"]) for r in runs)}
 
 
-def report(folder):
+def against_stock(runs, stock_runs):
+    """The test metric's change against the stock row over the users, the seeds both ran
+    averaged per user: (relative change, half-width of its 95 % interval over users), or None.
+    The suite's paired t-test varies only the training seed on one split; this interval is
+    what the sample of test users alone leaves uncertain."""
+    import numpy as np
+
+    stock = {r["seed"]: r["per_user_test"] for r in stock_runs or [] if r["per_user_test"]}
+    seeds = [r["seed"] for r in runs if r["per_user_test"] and r["seed"] in stock]
+    if not seeds:
+        return None
+    ours = np.mean([next(r for r in runs if r["seed"] == s)["per_user_test"] for s in seeds], axis=0)
+    theirs = np.mean([stock[s] for s in seeds], axis=0)
+    if ours.shape != theirs.shape:
+        raise ValueError("the stock and variant curves scored different numbers of test users")
+    diff = ours - theirs
+    base = theirs.mean()
+    return diff.mean() / base, 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) / base
+
+
+def report(suite, folder):
     """A markdown table of every label with curves in ``folder``; also written to ``summary.md``."""
     by_label = {}
     for name in sorted(os.listdir(folder)):
@@ -103,13 +154,20 @@ def report(folder):
             by_label.setdefault(run["label"], []).append(run)
     if not by_label:
         raise SystemExit(f"no curves in {folder} yet")
-    rows = {label: summary_row(runs) for label, runs in by_label.items()}
+    stock_of_label = {e["label"]: e["stock"] for e in entries(suite)}
+    rows = {}
+    for label, runs in by_label.items():
+        rows[label] = summary_row(runs)
+        change = against_stock(runs, by_label.get(stock_of_label.get(label)))
+        rows[label]["test vs stock, users' 95 % CI"] = (
+            f"{100 * change[0]:+.1f} % ± {100 * change[1]:.1f}" if change else "")
     columns = list(next(iter(rows.values())))
     metric = next(iter(by_label.values()))[0]["valid_metric"]
     lines = [f"{metric}, means over seeds; chosen = the epoch the early stop keeps (best validation score)", "",
              "| label | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, row in rows.items():
-        cells = [f"{v:.4f}" if isinstance(v, float) and v < 10 else f"{v:g}" for v in row.values()]
+        cells = [v if isinstance(v, str) else f"{v:.4f}" if isinstance(v, float) and v < 10 else f"{v:g}"
+                 for v in row.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     with written_whole(os.path.join(folder, "summary.md")) as tmp, open(tmp, "w") as f:
@@ -147,7 +205,7 @@ def main():
         if done.returncode:
             raise SystemExit(f"{label} seed {seed} failed: see {log.name}")
         os.remove(log.name)
-    print(report(curves))
+    print(report(suite, curves))
 
 
 if __name__ == "__main__":

@@ -61,26 +61,34 @@ def test_suite_runs_reports_and_resumes(tiny_config, workdir):
     assert stamps == {c: os.path.getmtime(folder / "cells" / c) for c in cells}
 
 
-def test_test_curves_record_every_validation_and_leave_the_cell_as_it_was(tiny_config, workdir):
+def test_test_curves_record_every_validation_and_leave_the_cell_as_it_was(tiny_ranking_config, workdir):
     """Scoring the test split after each validation changes no number of the run: the curve's
-    run ends with the suite cell's own test result (``matches_suite_cell`` compares them)."""
-    config = {k: v for k, v in tiny_config.items() if k not in ("seed", "show_progress")}
-    suite = {"dataset": "tiny", "models": ["DeepFM_REKI"], "seeds": [1], "config": dict(config, epochs=3)}
+    run ends with the suite cell's own test result (``matches_suite_cell`` compares them), and its
+    users' values average to that result."""
+    config = {k: v for k, v in tiny_ranking_config.items() if k not in ("seed", "show_progress")}
+    config.update(epochs=3, eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"})
+    suite = {"dataset": "tiny", "models": ["BPR", "BPR_REKI"], "seeds": [1], "config": config}
     path = workdir / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     results = ["--results", str(workdir / "results")]
-    cell = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path)] + results,
-                          capture_output=True, text=True, timeout=600)
+    cell = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--only", "BPR_REKI"]
+                          + results, capture_output=True, text=True, timeout=600)
     assert cell.returncode == 0, cell.stderr[-3000:]
     curves = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "valid_test_curves.py"), str(path)] + results,
                             capture_output=True, text=True, timeout=600)
     assert curves.returncode == 0, curves.stderr[-3000:]
-    run = json.loads((workdir / "results" / "suite" / "curves" / "DeepFM_REKI-1.json").read_text())
-    assert [point["epoch"] for point in run["curve"]] == [0, 1, 2] and run["valid_metric"] == "auc"
+    folder = workdir / "results" / "suite" / "curves"
+    run = json.loads((folder / "BPR_REKI-1.json").read_text())
+    assert [point["epoch"] for point in run["curve"]] == [0, 1, 2] and run["valid_metric"] == "ndcg@10"
     chosen = valid_test_curves.chosen(run)  # the epoch RecBole's early stop kept
-    assert chosen["test"] == run["test"] and chosen["valid_score"] == run["valid"]["auc"]
+    assert chosen["test"] == run["test"] and chosen["valid_score"] == run["valid"]["ndcg@10"]
     assert run["matches_suite_cell"] is True
-    assert "| DeepFM_REKI | 1 | 3 |" in curves.stdout
+    users = run["per_user_test"]
+    assert len(users) > 10 and abs(sum(users) / len(users) - run["test"]["ndcg@10"]) < 1e-4
+    stock = json.loads((folder / "BPR-1.json").read_text())
+    assert stock["matches_suite_cell"] is None and len(stock["per_user_test"]) == len(users)
+    row = next(line for line in curves.stdout.splitlines() if line.startswith("| BPR_REKI |"))
+    assert row.startswith("| BPR_REKI | 1 | 3 |") and " % ± " in row
 
 
 def test_stores_only_builds_the_knowledge_and_trains_nothing(tiny_config, workdir):
