@@ -3,6 +3,7 @@ rank a variant against its stock as the test split does?
 
     python benchmarks/valid_test_curves.py benchmarks/suites/reland_fusion_ml100k.yaml --only BPR-patient,ReLand-patient [--seeds 2020,2021]
     python benchmarks/valid_test_curves.py benchmarks/suites/reland_fusion_ml100k.yaml --report-only
+    python benchmarks/valid_test_curves.py benchmarks/suites/reland_fusion_ml100k.yaml --cells   # from the finished cells alone
 
 A cell picks its epoch by the validation split (RecBole's early stop) and reports the test split
 there. Each (label, seed) here runs as the suite's cell does (the same settings, its own process,
@@ -144,6 +145,26 @@ def against_stock(runs, stock_runs):
     return diff.mean() / base, 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) / base
 
 
+def cells_report(folder):
+    """From the suite's finished cells (no curve needed): each label's validation metric at its
+    kept epoch, its test metric and their ratio, means over seeds."""
+    by_label = {}
+    cells = os.path.join(folder, "cells")
+    for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
+        with open(os.path.join(cells, name)) as f:
+            cell = json.load(f)
+        shared = [m for m in cell["valid"] if m in cell["test"]]
+        if shared:
+            by_label.setdefault(cell["model"], []).append((cell["valid"], cell["test"]))
+    lines = ["| label | seeds | metric | valid | test | test / valid |", "|---|---|---|---|---|---|"]
+    for label, runs in by_label.items():
+        metric = next((m for m in ("ndcg@10", "auc") if m in runs[0][0]), next(iter(runs[0][0])))
+        valid = statistics.mean(v[metric] for v, _ in runs)
+        test = statistics.mean(t[metric] for _, t in runs)
+        lines.append(f"| {label} | {len(runs)} | {metric} | {valid:.4f} | {test:.4f} | {test / valid:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(suite, folder):
     """A markdown table of every label with curves in ``folder``; also written to ``summary.md``."""
     by_label = {}
@@ -182,6 +203,8 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated labels (default: all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
     parser.add_argument("--report-only", action="store_true", help="print the table of the curves already run")
+    parser.add_argument("--cells", action="store_true",
+                        help="print validation against test from the suite's finished cells, run nothing")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: label,seed,output
     args = parser.parse_args()
     suite = load_suite(os.path.abspath(args.suite))
@@ -191,6 +214,9 @@ def main():
         run_curve(suite, label, int(seed), output)
         return
     folder = os.path.join(args.results, suite["name"])
+    if args.cells:
+        print(cells_report(folder))
+        return
     curves = os.path.join(folder, "curves")
     os.makedirs(curves, exist_ok=True)
     for label, seed in ([] if args.report_only else selected_cells(suite, args.only, args.seeds)):

@@ -89,6 +89,10 @@ def test_test_curves_record_every_validation_and_leave_the_cell_as_it_was(tiny_r
     assert stock["matches_suite_cell"] is None and len(stock["per_user_test"]) == len(users)
     row = next(line for line in curves.stdout.splitlines() if line.startswith("| BPR_REKI |"))
     assert row.startswith("| BPR_REKI | 1 | 3 |") and " % ± " in row
+    from_cells = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "valid_test_curves.py"), str(path),
+                                 "--cells"] + results, capture_output=True, text=True, timeout=600)
+    valid, test = run["valid"]["ndcg@10"], run["test"]["ndcg@10"]
+    assert f"| BPR_REKI | 1 | ndcg@10 | {valid:.4f} | {test:.4f} | {test / valid:.3f} |" in from_cells.stdout
 
 
 def test_stores_only_builds_the_knowledge_and_trains_nothing(tiny_config, workdir):
