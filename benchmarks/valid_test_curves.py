@@ -187,7 +187,7 @@ def report(suite, folder):
     lines = [f"{metric}, means over seeds; chosen = the epoch the early stop keeps (best validation score)", "",
              "| label | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, row in rows.items():
-        cells = [v if isinstance(v, str) else f"{v:.4f}" if isinstance(v, float) and v < 10 else f"{v:g}"
+        cells = [v if isinstance(v, str) else f"{v:g}" if isinstance(v, int) else f"{v:.4f}" if v < 10 else f"{v:.1f}"
                  for v in row.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
