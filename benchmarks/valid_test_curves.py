@@ -87,7 +87,8 @@ def run_curve(suite, label, seed, output):
         with open(suite_cell) as f:
             matches = json.load(f)["test"] == cell["test"]
     result = {"label": label, "seed": seed, "valid_metric": curve["valid_metric"],
-              "bigger_is_better": curve["bigger_is_better"], "curve": curve["points"], "test": cell["test"], "valid": cell["valid"], "epochs_run": cell["epochs_run"],
+              "bigger_is_better": curve["bigger_is_better"], "curve": curve["points"], "test": cell["test"],
+              "valid": cell["valid"], "epochs_run": cell["epochs_run"],
               "matches_suite_cell": matches, "per_user_test": curve["per_user_test"],
               "provenance": cell["provenance"]}
     with written_whole(output) as tmp, open(tmp, "w") as f:
@@ -112,10 +113,7 @@ def summary_row(runs):
     """Means over seeds of one label's curves (the validation metric names the test metric)."""
     metric = runs[0]["valid_metric"]
     pick = [chosen(r) for r in runs]
-
-    def mean(values):
-        return statistics.mean(values)
-
+    mean = statistics.mean
     return {"seeds": len(runs), "epochs": mean([r["epochs_run"] for r in runs]),
             "valid at chosen": mean([p["valid_score"] for p in pick]),
             "test at chosen": mean([p["test"][metric] for p in pick]),
