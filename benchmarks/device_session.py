@@ -207,21 +207,27 @@ def run(args):
 
 
 def return_finished_cells(cells, start, returned):
-    """Copy the cells written since ``start`` into ``returned``, each whole (a copy cut short by
-    the machine going away ends in ``.partial``, which unpack ignores); -> their names."""
+    """Copy the cells written since ``start`` into ``returned`` (and their users into ``returned``'s
+    sibling ``users``), each whole (a copy cut short by the machine going away ends in ``.partial``,
+    which unpack ignores); -> their names."""
     os.makedirs(returned, exist_ok=True)
     names = [f for f in sorted(os.listdir(cells)) if f.endswith(".json")
              and os.path.getmtime(os.path.join(cells, f)) >= start] if os.path.isdir(cells) else []
     for name in names:
         if not os.path.exists(os.path.join(returned, name)):
+            users = run_suite.users_file(os.path.join(cells, name))
+            if os.path.isfile(users):  # first: a returned cell's users are there
+                os.makedirs(os.path.join(os.path.dirname(returned), "users"), exist_ok=True)
+                with run_suite.written_whole(run_suite.users_file(os.path.join(returned, name))) as tmp:
+                    shutil.copy2(users, tmp)
             with run_suite.written_whole(os.path.join(returned, name)) as tmp:
                 shutil.copy2(os.path.join(cells, name), tmp)
     return names
 
 
 def unpack(args):
-    """Add the cells in ``<folder>/cells/`` to the suite's results (never over a cell already
-    there) and rebuild its summary."""
+    """Add the cells in ``<folder>/cells/`` (and their users in ``<folder>/users/``) to the suite's
+    results (never over a cell already there) and rebuild its summary."""
     suite = suite_of(args.suite)
     cells = os.path.join(args.results, suite["name"], "cells")
     os.makedirs(cells, exist_ok=True)
@@ -232,6 +238,10 @@ def unpack(args):
         if os.path.exists(os.path.join(cells, name)):
             print(f"{name}: already in {cells}, kept")
             continue
+        users = run_suite.users_file(os.path.join(fetched, name))
+        if os.path.isfile(users):
+            os.makedirs(os.path.join(os.path.dirname(cells), "users"), exist_ok=True)
+            shutil.copy2(users, run_suite.users_file(os.path.join(cells, name)))
         shutil.copy2(os.path.join(fetched, name), os.path.join(cells, name))
         print(f"{name}: added")
     subprocess.run([sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--summary-only",

@@ -6,9 +6,11 @@
 A suite yaml names a dataset, models, seeds and config overrides (see ``benchmarks/suites``).
 Each (model, seed) cell runs in its own process (clean peak memory, clean logging) and is saved
 as JSON under ``<results>/<suite>/cells`` with the settings it ran under; a rerun skips finished
-cells, save those whose run the suite has changed since (set aside in ``stale``, run again). The summary (CSV +
+cells, save those whose run the suite has changed since (set aside in ``stale``, run again); a
+full-ranking cell's test users' values go beside it, under ``users``. The summary (CSV +
 markdown, with mean ± std over seeds and a paired t-test of each variant against its stock
-backbone on matched seeds) is rebuilt from all finished cells. ``--stores-only`` builds the
+backbone on matched seeds, and where the cells recorded their users, the difference's interval
+over the test users) is rebuilt from all finished cells. ``--stores-only`` builds the
 knowledge stores the unfinished cells need and trains nothing: build them where the encoder and
 the LLM are, train where the GPU is (``benchmarks/device_session.py``). Not part of the test suite.
 """
@@ -30,6 +32,7 @@ from harness.reports import n_cells, write_reports  # noqa: E402
 from harness.schema import cell_config, cell_file, cell_settings, entries, load_suite, selected_cells  # noqa: E402
 from harness.staleness import reuse_cell, stale_keys, twin_cell  # noqa: E402
 from harness.statistics import summarize  # noqa: E402
+from harness.users import cell_users, users_file, write_users  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 
 PROGRESS = "@progress "  # a cell's progress reports on its stdout start with this
@@ -208,6 +211,9 @@ def main():
             cell = run_cell(entry["model"], suite["dataset"], config, label, resume_file_of(folder, label, seed),
                             report_progress)
             cell["settings"] = cell_settings(suite, entry, int(seed))
+            users = cell.pop("per_user_test", None)
+            if users:  # before the cell: a finished cell's users are there
+                write_users(users_file(output), users)
         with written_whole(output) as tmp, open(tmp, "w") as f:
             json.dump(cell, f, indent=2)
         return
@@ -236,7 +242,7 @@ def main():
             cells.append(cell)
     if not cells:
         raise SystemExit(f"no finished cells in {folder}: {len(failed)} failed, {len(stale)} ran under other settings")
-    rows = summarize(suite, cells)
+    rows = summarize(suite, cells, lambda cell: cell_users(folder, cell))
     print(write_reports(suite, rows, folder, time.time() - start, args.jobs, ran, cells, stale))
     metric = suite.get("plot_metric") or sorted(cells[0]["test"])[0]
     print(f"plot: {plot_uplift(cells, suite, metric, os.path.join(folder, 'uplift.png'))}")

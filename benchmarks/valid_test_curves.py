@@ -10,7 +10,8 @@ there. Each (label, seed) here runs as the suite's cell does (the same settings,
 the suite's results folder) and also scores the test split after every validation. Full-sort
 evaluation, and sampled evaluation with fixed negatives, draw no random numbers that training
 uses, so the run and its final result are the cell's: where the suite has the finished cell, the
-curve records whether its test result matches it digit for digit. Writes
+curve records whether its test result matches it digit for digit, and where it does and the cell
+recorded no test users (a cell run before they were), writes them for it (``users/``). Writes
 ``<results>/<suite>/curves/<label>-<seed>.json`` (the validation metric and every test metric at
 each evaluated epoch, with the cell's provenance) and prints, per label over its seeds: the
 validation metric at the chosen epoch, the test metric there (the cell's result), their ratio,
@@ -33,6 +34,7 @@ sys.path[:0] = [ROOT, HERE]
 
 from harness.cells import run_cell  # noqa: E402
 from harness.schema import cell_config, cell_file, entries, load_suite, selected_cells  # noqa: E402
+from harness.users import evaluated_per_user, users_file, write_users  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 
 
@@ -42,37 +44,13 @@ def record_test(curve):
     each test user's value of it at the epoch the early stop keeps so far (RecBole's rule: an
     equal or better validation score)."""
     def on_validation(trainer, test_data, epoch, valid_score):
-        test, users = evaluated_per_user(trainer, test_data, trainer.valid_metric)
+        test, users = evaluated_per_user(trainer, test_data)
         curve["valid_metric"], curve["bigger_is_better"] = trainer.valid_metric, trainer.valid_metric_bigger
         curve["points"].append({"epoch": epoch, "valid_score": float(valid_score),
                                 "test": {k: float(v) for k, v in test.items()}})
         if valid_score == trainer.best_valid_score:  # fit has just kept this epoch
-            curve["per_user_test"] = users
+            curve["per_user_test"] = (users or {}).get(trainer.valid_metric)
     return on_validation
-
-
-def evaluated_per_user(trainer, data, metric):
-    """RecBole's evaluation of ``data`` with the current weights, and each user's value of the
-    top-k ``metric`` (e.g. ``ndcg@10``) in the evaluator's user order, rounded to 5 digits
-    (None for a metric that is not top-k, e.g. AUC)."""
-    evaluator, seen = trainer.evaluator, {}
-    name, _, k = metric.partition("@")
-    whole = evaluator.evaluate
-
-    def keeping(struct):
-        seen["struct"] = struct
-        return whole(struct)
-
-    evaluator.evaluate = keeping  # the collector drops the top-k table once the evaluator has it
-    try:
-        result = trainer.evaluate(data, load_best_model=False, show_progress=False)
-    finally:
-        del evaluator.evaluate
-    if not k or name not in evaluator.metric_class:
-        return result, None
-    scorer = evaluator.metric_class[name]
-    values = scorer.metric_info(*scorer.used_info(seen["struct"]))[:, int(k) - 1]
-    return result, [round(float(v), 5) for v in values]
 
 
 def run_curve(suite, label, seed, output):
@@ -86,6 +64,10 @@ def run_curve(suite, label, seed, output):
     if os.path.isfile(suite_cell):
         with open(suite_cell) as f:
             matches = json.load(f)["test"] == cell["test"]
+    users = cell.get("per_user_test")
+    if matches and users and not os.path.isfile(users_file(suite_cell)):
+        # the suite's cell, run again to the same result: its test users, for one run before they were recorded
+        write_users(users_file(suite_cell), users)
     result = {"label": label, "seed": seed, "valid_metric": curve["valid_metric"],
               "bigger_is_better": curve["bigger_is_better"], "curve": curve["points"], "test": cell["test"],
               "valid": cell["valid"], "epochs_run": cell["epochs_run"],
@@ -109,6 +91,29 @@ def best_test(run, metric):
     return max(values) if run["bigger_is_better"] else min(values)
 
 
+NEIGHBOURS = 10  # evaluations on each side of the kept one that :func:`above_neighbours` compares it with
+
+
+def above_neighbours(run, score):
+    """How far the kept evaluation's ``score(point)`` stands above the mean of the ``NEIGHBOURS``
+    evaluations on each side of it, relative. On validation the early stop picked that epoch for
+    being high, so it is high partly by the split's noise; on test it is not picked, so a test
+    value near 0 says the validation's margin was that noise (a larger one for a run whose scores
+    jump more between epochs)."""
+    points = run["curve"]
+    kept = points.index(chosen(run))
+    around = points[max(kept - NEIGHBOURS, 0):kept] + points[kept + 1:kept + 1 + NEIGHBOURS]
+    return score(points[kept]) / statistics.mean(score(p) for p in around) - 1
+
+
+def mean_step(run):
+    """The validation metric's mean change from one evaluation to the next over the run's last two
+    thirds (past the first climb), relative to its mean there: how much it jitters."""
+    scores = [p["valid_score"] for p in run["curve"]][len(run["curve"]) // 3:]
+    steps = [abs(b - a) for a, b in zip(scores, scores[1:])]
+    return statistics.mean(steps) / statistics.mean(scores) if steps else 0.0
+
+
 def summary_row(runs):
     """Means over seeds of one label's curves (the validation metric names the test metric)."""
     metric = runs[0]["valid_metric"]
@@ -120,7 +125,22 @@ def summary_row(runs):
             "test / valid": mean([p["test"][metric] / p["valid_score"] for p in pick]),
             "test at last": mean([r["curve"][-1]["test"][metric] for r in runs]),
             "best test (oracle)": mean([best_test(r, metric) for r in runs]),
+            "valid step": f"{100 * mean([mean_step(r) for r in runs]):.1f} %",
+            f"chosen over its ±{NEIGHBOURS}: valid": percent(mean([above_neighbours(r, valid_of) for r in runs])),
+            f"chosen over its ±{NEIGHBOURS}: test": percent(mean([above_neighbours(r, test_of(metric)) for r in runs])),
             "same as cell": sum(bool(r["matches_suite_cell"]) for r in runs)}
+
+
+def valid_of(point):
+    return point["valid_score"]
+
+
+def test_of(metric):
+    return lambda point: point["test"][metric]
+
+
+def percent(fraction):
+    return f"{100 * fraction:+.1f} %"
 
 
 def against_stock(runs, stock_runs):

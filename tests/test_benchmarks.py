@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import run_suite  # noqa: E402
 import valid_test_curves  # noqa: E402
 from harness import plots, reports, schema, staleness, statistics  # noqa: E402
+from harness import users as harness_users  # noqa: E402
 
 
 def test_suite_runs_reports_and_resumes(tiny_config, workdir):
@@ -74,6 +75,10 @@ def test_test_curves_record_every_validation_and_leave_the_cell_as_it_was(tiny_r
     cell = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_suite.py"), str(path), "--only", "BPR_REKI"]
                           + results, capture_output=True, text=True, timeout=600)
     assert cell.returncode == 0, cell.stderr[-3000:]
+    # the cell's test users, beside it; removed, as for a cell run before they were recorded
+    users_path = workdir / "results" / "suite" / "users" / "BPR_REKI-1.csv.gz"
+    first = harness_users.read_users(str(users_path))
+    users_path.unlink()
     curves = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "valid_test_curves.py"), str(path)] + results,
                             capture_output=True, text=True, timeout=600)
     assert curves.returncode == 0, curves.stderr[-3000:]
@@ -85,6 +90,14 @@ def test_test_curves_record_every_validation_and_leave_the_cell_as_it_was(tiny_r
     assert run["matches_suite_cell"] is True
     users = run["per_user_test"]
     assert len(users) > 10 and abs(sum(users) / len(users) - run["test"]["ndcg@10"]) < 1e-4
+    # the suite's cell had recorded the same test users (users/), each with every top-k metric, and
+    # the curve's run, the same as the cell, wrote them back
+    recorded = harness_users.read_users(str(users_path))
+    assert recorded == first and recorded["ndcg@10"] == users and len(set(recorded["user"])) == len(users)
+    assert not (workdir / "results" / "suite" / "users" / "BPR-1.csv.gz").exists()  # no suite cell of it
+    cell = json.loads((workdir / "results" / "suite" / "cells" / "BPR_REKI-1.json").read_text())
+    assert "per_user_test" not in cell and harness_users.cell_users(str(workdir / "results" / "suite"), cell) == recorded
+    assert abs(sum(recorded["hit@10"]) / len(users) - cell["test"]["hit@10"]) < 6e-5
     stock = json.loads((folder / "BPR-1.json").read_text())
     assert stock["matches_suite_cell"] is None and len(stock["per_user_test"]) == len(users)
     row = next(line for line in curves.stdout.splitlines() if line.startswith("| BPR_REKI |"))
@@ -289,6 +302,43 @@ def test_a_variant_is_also_compared_with_the_entry_it_names(tmp_path):
         schema.load_suite(str(tmp_path / "typo.yaml"))
 
 
+def test_the_interval_over_test_users_pairs_them_user_by_user(tmp_path):
+    """Each user's difference, averaged over the shared seeds; none where a users file disagrees
+    with its cell (left by another run of it)."""
+    rng = np.random.default_rng(0)
+    folder = str(tmp_path)
+    suite = {"name": "s", "dataset": "d", "seeds": [1, 2], "models": ["BPR", "BPR_REKI"]}
+    tokens = [str(u) for u in range(1, 401)]
+    values, cells = {}, []
+    for model, lift in (("BPR", 0.0), ("BPR_REKI", 0.02)):
+        for seed in (1, 2):
+            ndcg = np.round(np.clip(rng.random(400) * 0.3 + lift * rng.random(400), 0, 1), 5)
+            values[model, seed] = ndcg
+            cell = {"model": model, "seed": seed, "test": {"ndcg@10": round(float(ndcg.mean()), 4)}}
+            harness_users.write_users(harness_users.users_file(schema.cell_file(folder, model, seed)),
+                                      {"user": tokens, "ndcg@10": list(ndcg)})
+            cells.append(cell)
+    rows = {r["model"]: r for r in statistics.summarize(suite, cells, lambda c: harness_users.cell_users(folder, c))}
+    difference = np.mean([values["BPR_REKI", s] - values["BPR", s] for s in (1, 2)], axis=0)
+    base = np.mean([values["BPR", s].mean() for s in (1, 2)])
+    half = 1.959964 * difference.std(ddof=1) / np.sqrt(400)
+    expected = ((difference.mean() - half) / base, (difference.mean() + half) / base)
+    assert rows["BPR_REKI"]["ndcg@10_users_ci"] == pytest.approx(expected, rel=1e-5)
+    report = reports.write_reports(suite, list(rows.values()), folder, 1.0, 1, 4, cells)
+    assert f"; users' 95% CI {100 * expected[0]:+.2f} to {100 * expected[1]:+.2f}%)" in report
+    assert "interval over the test users" in report
+    # the same values give the same bytes (a rerun leaves git nothing to show)
+    path = harness_users.users_file(schema.cell_file(folder, "BPR", 1))
+    before = open(path, "rb").read()
+    harness_users.write_users(path, {"user": tokens, "ndcg@10": list(values["BPR", 1])})
+    assert open(path, "rb").read() == before
+    # a users file that does not average to its cell's result is not the cell's: no interval
+    harness_users.write_users(path, {"user": tokens, "ndcg@10": list(values["BPR", 1] + 0.001)})
+    assert harness_users.cell_users(folder, cells[0]) is None
+    rows = {r["model"]: r for r in statistics.summarize(suite, cells, lambda c: harness_users.cell_users(folder, c))}
+    assert "ndcg@10_users_ci" not in rows["BPR_REKI"] and "ndcg@10_ci" in rows["BPR_REKI"]
+
+
 def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     suite = {"name": "s", "dataset": "d", "seeds": [1], "models": ["DIN", "DIN_REKI"]}
     cells = [{"model": "DIN", "seed": 1, "test": {"auc": 0.80}}, {"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}}]
@@ -486,6 +536,8 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
             if recorded:
                 cell["settings"] = schema.cell_settings(b, entry, 1)
             path.write_text(json.dumps(cell))
+            harness_users.write_users(harness_users.users_file(str(path)), {"user": ["1", "2"], **{
+                name: [value, value] for name, value in metrics.items()}})
 
     finish()
     suite = schema.load_suite(str(tmp_path / "a.yaml"))
@@ -504,6 +556,7 @@ def test_a_cell_another_suite_ran_with_the_same_settings_is_copied_not_rerun(tmp
     copied = json.load(open(os.path.join(folder, "cells", "SASRec-1.json")))
     assert copied["model"] == "SASRec" and copied["same_run_as"] == os.path.join("b", "cells", "SASRec-1.json")
     assert copied["test"] == {"hit@10": 0.1, "ndcg@10": 0.05}  # what this suite reports, no more
+    assert harness_users.cell_users(folder, copied) == {"user": ["1", "2"], "hit@10": [0.1, 0.1], "ndcg@10": [0.05, 0.05]}
     assert json.load(open(os.path.join(folder, "cells", "long-1.json")))["model"] == "long"
     report = reports.write_reports(suite, statistics.summarize(suite, [copied]), folder, 1.0, 1, 0, [copied])
     assert "copied from b's runs of the same settings: 1 cell (see same_run_as)" in report
@@ -567,9 +620,11 @@ def test_device_returns_each_cell_finished_since_it_started(tmp_path):
     start = time.time() - 1
     assert device_session.return_finished_cells(str(cells), start, str(returned)) == []
     (cells / "DIN-2021.json").write_text('{"seed": 2021}')
+    harness_users.write_users(str(tmp_path / "users" / "DIN-2021.csv.gz"), {"user": ["7"], "ndcg@10": [0.5]})
     (cells / "DIN-2022.json.partial").write_text("{")  # still being written
     assert device_session.return_finished_cells(str(cells), start, str(returned)) == ["DIN-2021.json"]
     assert sorted(os.listdir(returned)) == ["DIN-2021.json"]
+    assert harness_users.read_users(str(tmp_path / "out" / "users" / "DIN-2021.csv.gz")) == {"user": ["7"], "ndcg@10": [0.5]}
     assert json.loads((returned / "DIN-2021.json").read_text()) == {"seed": 2021}
 
 

@@ -8,6 +8,7 @@ import time
 
 from harness import ROOT
 from harness.schema import file_label, is_stock
+from harness.users import evaluated_per_user
 
 
 def run_cell(model, dataset, config, label=None, resume_file=None, progress=None, on_validation=None):
@@ -17,7 +18,8 @@ def run_cell(model, dataset, config, label=None, resume_file=None, progress=None
     ``progress(**event)`` hears where the cell is: ``knowledge_seconds`` once its knowledge is
     built (a stock model has none), then ``epoch`` (epochs done) and ``epochs`` as each training epoch starts.
     ``on_validation(trainer, test_data, epoch, valid_score)`` runs after each validation (RecBole's
-    ``fit`` callback), e.g. to score the test split along the way (``valid_test_curves.py``)."""
+    ``fit`` callback), e.g. to score the test split along the way (``valid_test_curves.py``).
+    A full-sort cell also holds ``per_user_test``, each test user's top-k metrics (``harness.users``)."""
     import resource
 
     import torch
@@ -45,7 +47,7 @@ def run_cell(model, dataset, config, label=None, resume_file=None, progress=None
     trainer.saved_model_file = os.path.join(config["checkpoint_dir"], name)
     callback = on_validation and (lambda epoch, score: on_validation(trainer, test_data, epoch, score))
     best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=callback)
-    test_result = trainer.evaluate(test_data, load_best_model=True)
+    test_result, users = evaluated_per_user(trainer, test_data, load_best_model=True)
     epoch_seconds = trainer.epoch_seconds  # those of killed earlier runs of this cell included
     cell = {
         "model": label or model, "recbole_model": model, "dataset": dataset, "seed": config["seed"],
@@ -70,6 +72,8 @@ def run_cell(model, dataset, config, label=None, resume_file=None, progress=None
     if trainer.resumed_after:
         cell["resumed_after_epochs"] = trainer.resumed_after
     cell["provenance"] = dict(code, **provenance(config, store, time.time() - began))
+    if users:  # the runner writes them beside the cell (users/), not in it: tens of thousands of rows
+        cell["per_user_test"] = users
     if resume_file and os.path.isfile(resume_file):
         os.remove(resume_file)  # first: a state must never outlive the best model it names
     os.remove(trainer.saved_model_file)

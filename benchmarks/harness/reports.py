@@ -51,6 +51,9 @@ def write_reports(suite, rows, folder, wall_seconds, jobs, ran, finished, stale=
                                                              for r in rows) else "")
             + ("; †: the test pairs cells of different commits (each cell's provenance names its own)"
                if any("†" in (r.get("mixed", "") + r.get("versus_mixed", "")) for r in rows) else "")
+            + ("; users' 95% CI: the same difference's interval over the test users (each user's difference "
+               "averaged over the shared seeds; from users/), where both rows' cells recorded their users"
+               if any(k.endswith("_users_ci") for r in rows for k in r) else "")
             + ("; the second table compares a variant with the entry it names, the same way" if any(r.get("versus") for r in rows) else "")
             + ".\n")
     with open(os.path.join(folder, "summary.md"), "w") as f:
@@ -71,14 +74,17 @@ def versus_table(rows, metrics):
 
 
 def change(row, metric, against):
-    """Relative change with its paired-test p, or why there is no test (:func:`untested`);
-    marked when its pairs mix devices or code versions (:func:`mixed_pairs`)."""
+    """Relative change with its paired-test p, or why there is no test (:func:`untested`), and its
+    interval over the test users where the cells recorded them; marked when its pairs mix devices or code versions (:func:`mixed_pairs`)."""
     if f"{metric}{against}_rel" not in row:
         return ""
     p, interval = row[f"{metric}{against}_p"], row.get(f"{metric}{against}_ci")
     marks = row.get(f"{against.lstrip('_')}_mixed" if against else "mixed") or ""
     ci = f", 95% CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}%" if interval else ""
-    tested = f"({row[f'{metric}{against}_untested']}: no test)" if p is None else f"(p={p:.3f}{ci})"
+    users = row.get(f"{metric}{against}_users_ci")
+    over_users = f"; users' 95% CI {100 * users[0]:+.2f} to {100 * users[1]:+.2f}%" if users else ""
+    tested = (f"({row[f'{metric}{against}_untested']}: no test{over_users})" if p is None
+              else f"(p={p:.3f}{ci}{over_users})")
     return (f"{100 * row[f'{metric}{against}_rel']:+.2f}% " + tested
             + (f" {marks}" if marks else ""))
 

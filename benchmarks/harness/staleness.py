@@ -8,6 +8,7 @@ import yaml
 
 from harness import ROOT
 from harness.schema import cell_file, cell_settings, entries, is_stock, load_suite, old_values
+from harness.users import USER, read_users, users_file, write_users
 from recbole_llmk.files import written_whole
 
 
@@ -112,5 +113,9 @@ def reuse_cell(twin, label, settings, output):
     # a twin that is itself a copy names where the run happened, so the chain never hides it
     cell["same_run_as"] = cell.get("same_run_as") or os.path.relpath(
         twin, os.path.dirname(os.path.dirname(os.path.dirname(output))))
+    users = read_users(users_file(twin))
+    if users:  # the twin's test users, with the same metrics as the cell (before it: see run_suite)
+        write_users(users_file(output), {name: values for name, values in users.items() if name == USER or reported(name)})
     with written_whole(output) as tmp, open(tmp, "w") as f:
         json.dump(cell, f, indent=2)
+

@@ -61,7 +61,30 @@ def paired_interval(runs, others, metric, level=0.95):
     return (diff.mean() - half) / theirs.mean(), (diff.mean() + half) / theirs.mean()
 
 
-def compare(row, against, runs, others, metric):
+def users_interval(runs, others, metric, users_of, level=0.95):
+    """The ``level`` interval of the paired difference's mean over the test users (normal
+    approximation: hundreds of users or more), relative to the other row's mean: each user's
+    difference averaged over the shared seeds. None unless every shared seed's two cells
+    recorded the same users (``users_of(cell)``, see ``harness.users``) with ``metric``."""
+    import numpy as np
+    from scipy import stats
+
+    differences, bases = [], []
+    for seed in sorted(set(runs) & set(others)):
+        ours, theirs = users_of(runs[seed]), users_of(others[seed])
+        if not ours or not theirs or metric not in ours or metric not in theirs or ours["user"] != theirs["user"]:
+            return None
+        differences.append(np.array(ours[metric]) - np.array(theirs[metric]))
+        bases.append(np.mean(theirs[metric]))
+    if not differences or len(differences[0]) < 2:
+        return None
+    difference = np.mean(differences, axis=0)
+    half = stats.norm.ppf((1 + level) / 2) * difference.std(ddof=1) / np.sqrt(len(difference))
+    base = np.mean(bases)
+    return (difference.mean() - half) / base, (difference.mean() + half) / base
+
+
+def compare(row, against, runs, others, metric, users_of=None):
     """Put ``runs``' paired comparison with ``others`` on ``metric`` in ``row``, under keys ending in
     ``against`` ('' for the stock backbone, '_versus' for the entry a row names)."""
     key = f"{metric}{against}"
@@ -69,6 +92,10 @@ def compare(row, against, runs, others, metric):
     row[f"{key}_ci"] = paired_interval(runs, others, metric)
     if reason:
         row[f"{key}_untested"] = reason
+    if users_of:
+        interval = users_interval(runs, others, metric, users_of)
+        if interval:
+            row[f"{key}_users_ci"] = interval
 
 
 TIME_KEYS = ("train_epoch_seconds", "train_batch_ms", "infer_batch_ms", "infer_batch_ms_prestored")
@@ -81,9 +108,10 @@ def ran_on(cell):
     return "GPU" if device.startswith("cuda") else "CPU"
 
 
-def summarize(suite, cells):
+def summarize(suite, cells, users_of=None):
     """Rows of mean ± std per model, paired t-test against the stock backbone (and against the
-    ``versus`` entry, when named) on shared seeds."""
+    ``versus`` entry, when named) on shared seeds; with ``users_of(cell)`` (a cell's test users,
+    or None), also the difference's interval over the test users where both rows recorded them."""
     import numpy as np
 
     by_model = {}
@@ -102,11 +130,11 @@ def summarize(suite, cells):
             if len(values) > 1:  # one seed has no spread: leave it out rather than print ± 0
                 row[f"{metric}_std"] = values.std(ddof=1)
             if base and base in by_model:
-                compare(row, "", runs, by_model[base], metric)
+                compare(row, "", runs, by_model[base], metric, users_of)
                 row["mixed"] = mixed_pairs(runs, by_model[base])
             if entry["versus"] in by_model:
                 row["versus"] = entry["versus"]
-                compare(row, "_versus", runs, by_model[entry["versus"]], metric)
+                compare(row, "_versus", runs, by_model[entry["versus"]], metric, users_of)
                 row["versus_mixed"] = mixed_pairs(runs, by_model[entry["versus"]])
         devices = Counter(ran_on(c) for c in runs.values())
         row["ran_on"] = ", ".join(f"{device} {n}" for device, n in sorted(devices.items()))
