@@ -34,6 +34,7 @@ sys.path[:0] = [ROOT, HERE]
 
 from harness.cells import run_cell  # noqa: E402
 from harness.schema import cell_config, cell_file, entries, load_suite, selected_cells  # noqa: E402
+from harness.statistics import users_interval  # noqa: E402
 from harness.users import evaluated_per_user, users_file, write_users  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 
@@ -144,23 +145,19 @@ def percent(fraction):
 
 
 def against_stock(runs, stock_runs):
-    """The test metric's change against the stock row over the users, the seeds both ran
-    averaged per user: (relative change, half-width of its 95 % interval over users), or None.
-    The suite's paired t-test varies only the training seed on one split; this interval is
-    what the sample of test users alone leaves uncertain."""
-    import numpy as np
+    """The test metric's 95 % interval over the test users against the stock row (each user's
+    difference averaged over the seeds both ran; ``harness.statistics.users_interval``), relative
+    to stock's mean: (low, high), or None. The suite's paired t-test varies only the training seed
+    on one split; this interval is what the sample of test users alone leaves uncertain."""
+    metric = runs[0]["valid_metric"]
+    ours = {r["seed"]: r for r in runs if r["per_user_test"]}
+    theirs = {r["seed"]: r for r in stock_runs or [] if r["per_user_test"]}
 
-    stock = {r["seed"]: r["per_user_test"] for r in stock_runs or [] if r["per_user_test"]}
-    seeds = [r["seed"] for r in runs if r["per_user_test"] and r["seed"] in stock]
-    if not seeds:
-        return None
-    ours = np.mean([next(r for r in runs if r["seed"] == s)["per_user_test"] for s in seeds], axis=0)
-    theirs = np.mean([stock[s] for s in seeds], axis=0)
-    if ours.shape != theirs.shape:
-        raise ValueError("the stock and variant curves scored different numbers of test users")
-    diff = ours - theirs
-    base = theirs.mean()
-    return diff.mean() / base, 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) / base
+    def users_of(run):  # one evaluator order for both rows: a user's place is the user
+        return {"user": list(range(len(run["per_user_test"]))), metric: run["per_user_test"]}
+
+    shared = set(ours) & set(theirs)
+    return users_interval({s: ours[s] for s in shared}, {s: theirs[s] for s in shared}, metric, users_of)
 
 
 def cells_report(folder):
@@ -197,9 +194,9 @@ def report(suite, folder):
     rows = {}
     for label, runs in by_label.items():
         rows[label] = summary_row(runs)
-        change = against_stock(runs, by_label.get(stock_of_label.get(label)))
+        interval = against_stock(runs, by_label.get(stock_of_label.get(label)))
         rows[label]["test vs stock, users' 95 % CI"] = (
-            f"{100 * change[0]:+.1f} % ± {100 * change[1]:.1f}" if change else "")
+            f"{50 * (interval[0] + interval[1]):+.1f} % ± {50 * (interval[1] - interval[0]):.1f}" if interval else "")
     columns = list(next(iter(rows.values())))
     metric = next(iter(by_label.values()))[0]["valid_metric"]
     lines = [f"{metric}, means over seeds; chosen = the epoch the early stop keeps (best validation score)", "",
