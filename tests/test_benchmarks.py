@@ -339,6 +339,38 @@ def test_the_interval_over_test_users_pairs_them_user_by_user(tmp_path):
     assert "ndcg@10_users_ci" not in rows["BPR_REKI"] and "ndcg@10_ci" in rows["BPR_REKI"]
 
 
+@pytest.mark.parametrize("model", ["BPR", "SASRec"])  # a general loader (one row a user) and a sequential one
+def test_each_test_users_values_belong_to_that_user(tiny_ranking_config, model):
+    """The users file's token for a row is the user the evaluator scored in that row: each user's
+    Hit@10, recomputed from the batches' own user ids, the model's scores and the positives."""
+    from recbole_llmk.quick_start import create_model, prepare
+    from recbole_llmk.utils import get_trainer
+
+    config = dict(tiny_ranking_config, eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user",
+                                                  "mode": "full"})
+    if model == "SASRec":
+        config.update(train_neg_sample_args=None, MAX_ITEM_LIST_LENGTH=5)
+    config, dataset, train_data, _, test_data = prepare(model, "tiny", config_dict=config)
+    trainer = get_trainer(config)(config, create_model(config, train_data))
+    result, users = harness_users.evaluated_per_user(trainer, test_data)
+    hits = {}
+    trainer.model.eval()
+    with torch.no_grad():
+        for batch in test_data:
+            interaction, scores, positive_u, positive_i = trainer._full_sort_batch_eval(batch)
+            top = torch.topk(scores, 10, dim=1).indices
+            tokens = dataset.id2token(dataset.uid_field, interaction[dataset.uid_field].numpy())
+            for row, token in enumerate(tokens):
+                wanted = positive_i[positive_u == row]
+                hits.setdefault(str(token), []).append(float(bool(torch.isin(wanted, top[row]).any())))
+    assert len(users["user"]) == sum(len(v) for v in hits.values()) > 10
+    recorded = {}
+    for token, hit in zip(users["user"], users["hit@10"]):
+        recorded.setdefault(token, []).append(hit)
+    assert recorded == hits and 0 < sum(users["hit@10"]) < len(users["user"])
+    assert abs(np.mean(users["hit@10"]) - result["hit@10"]) < 6e-5
+
+
 def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     suite = {"name": "s", "dataset": "d", "seeds": [1], "models": ["DIN", "DIN_REKI"]}
     cells = [{"model": "DIN", "seed": 1, "test": {"auc": 0.80}}, {"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}}]
