@@ -371,6 +371,22 @@ def test_each_test_users_values_belong_to_that_user(tiny_ranking_config, model):
     assert abs(np.mean(users["hit@10"]) - result["hit@10"]) < 6e-5
 
 
+def test_changes_by_user_activity_average_each_user_over_the_seeds():
+    import users_by_activity
+
+    counts = {1: {"a": 1, "b": 3, "c": 10, "d": 20}, 2: {"a": 3, "b": 1, "c": 30, "d": 20}}
+    stock = {s: {"user": ["a", "b", "c", "d"], "ndcg@10": [0.5, 0.5, 0.5, 0.5]} for s in (1, 2)}
+    variant = {1: {"user": ["a", "b", "c", "d"], "ndcg@10": [0.6, 0.4, 0.5, 0.3]},
+               2: {"user": ["a", "b", "c", "c", "d"], "ndcg@10": [0.8, 0.4, 0.4, 0.6, 0.1]}}  # c scored twice
+    low, high = users_by_activity.by_activity(counts, stock, variant, "ndcg@10", 2)
+    # a, b: 2 interactions each on average, differences (0.1+0.3)/2 and (-0.1-0.1)/2
+    assert (low["interactions"], low["users"], low["stock"]) == ("2-2", 2, 0.5)
+    assert low["change"] == pytest.approx(0.05 / 0.5)
+    assert low["half"] == pytest.approx(1.959964 * np.std([0.2, -0.1], ddof=1) / np.sqrt(2) / 0.5)
+    # c: 20 on average, differences 0 and 0 (its two rows average to 0.5); d: 20, -0.2 and -0.4
+    assert high["interactions"] == "20-20" and high["change"] == pytest.approx(-0.15 / 0.5)
+
+
 def test_one_seed_reports_no_spread_and_no_test(tmp_path):
     suite = {"name": "s", "dataset": "d", "seeds": [1], "models": ["DIN", "DIN_REKI"]}
     cells = [{"model": "DIN", "seed": 1, "test": {"auc": 0.80}}, {"model": "DIN_REKI", "seed": 1, "test": {"auc": 0.82}}]
