@@ -75,7 +75,8 @@ def versus_table(rows, metrics):
 
 def change(row, metric, against):
     """Relative change with its paired-test p, or why there is no test (:func:`untested`), and its
-    interval over the test users where the cells recorded them; marked when its pairs mix devices or code versions (:func:`mixed_pairs`)."""
+    interval over the test users where the cells recorded them; marked when its pairs mix devices
+    or code versions (:func:`mixed_pairs`)."""
     if f"{metric}{against}_rel" not in row:
         return ""
     p, interval = row[f"{metric}{against}_p"], row.get(f"{metric}{against}_ci")

@@ -118,4 +118,3 @@ def reuse_cell(twin, label, settings, output):
         write_users(users_file(output), {name: values for name, values in users.items() if name == USER or reported(name)})
     with written_whole(output) as tmp, open(tmp, "w") as f:
         json.dump(cell, f, indent=2)
-
