@@ -15,6 +15,7 @@ test suite.
 import argparse
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -96,10 +97,19 @@ def report(suite, folder, labels, groups, metric):
                   "| training interactions | users | stock | change, 95 % CI over the users |", "|---|---|---|---|"]
         lines += [f"| {r['interactions']} | {r['users']} | {r['stock']:.4f} | {100 * r['change']:+.1f} % "
                   f"± {100 * r['half']:.1f} |" for r in rows] + [""]
+    lines.append(f"Produced by `python benchmarks/users_by_activity.py {os.path.relpath(suite['file'], ROOT)}"
+                 f"{' --only ' + ','.join(labels) if labels != default_labels(suite) else ''} --groups {groups} "
+                 f"--metric {metric}` on {time.strftime('%Y-%m-%d')} from the cells' users (each cell's provenance, "
+                 f"in cells/, names its code, libraries, threads and device).")
     text = "\n".join(lines) + "\n"
     with written_whole(os.path.join(folder, "users_by_activity.md")) as tmp, open(tmp, "w") as f:
         f.write(text)
     return text
+
+
+def default_labels(suite):
+    """Every row with a stock row to compare with."""
+    return [e["label"] for e in entries(suite) if e["stock"]]
 
 
 def finished(folder, label, seed):
@@ -122,7 +132,7 @@ def main():
     args = parser.parse_args()
     suite = load_suite(os.path.abspath(args.suite))
     folder = os.path.abspath(os.path.join(args.results, suite["name"]))
-    labels = args.only.split(",") if args.only else [e["label"] for e in entries(suite) if e["stock"]]
+    labels = args.only.split(",") if args.only else default_labels(suite)
     unknown = sorted(set(labels) - {e["label"] for e in entries(suite)})
     if unknown:
         raise SystemExit(f"--only names no entry of the suite: {', '.join(unknown)}")
