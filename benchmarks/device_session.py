@@ -36,6 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import run_suite  # noqa: E402
 from harness import schema  # noqa: E402  (the harness whose suites, cells and files this moves)
+from harness.users import copy_users  # noqa: E402
 
 KIT = os.path.join(ROOT, ".device_kit")
 # scipy travels in a kit of its own: the image's scipy needs numpy 2 (RecBole's models import
@@ -215,11 +216,7 @@ def return_finished_cells(cells, start, returned):
              and os.path.getmtime(os.path.join(cells, f)) >= start] if os.path.isdir(cells) else []
     for name in names:
         if not os.path.exists(os.path.join(returned, name)):
-            users = run_suite.users_file(os.path.join(cells, name))
-            if os.path.isfile(users):  # first: a returned cell's users are there
-                os.makedirs(os.path.join(os.path.dirname(returned), "users"), exist_ok=True)
-                with run_suite.written_whole(run_suite.users_file(os.path.join(returned, name))) as tmp:
-                    shutil.copy2(users, tmp)
+            copy_users(os.path.join(cells, name), os.path.join(returned, name))  # first: a returned cell's users are there
             with run_suite.written_whole(os.path.join(returned, name)) as tmp:
                 shutil.copy2(os.path.join(cells, name), tmp)
     return names
@@ -238,10 +235,7 @@ def unpack(args):
         if os.path.exists(os.path.join(cells, name)):
             print(f"{name}: already in {cells}, kept")
             continue
-        users = run_suite.users_file(os.path.join(fetched, name))
-        if os.path.isfile(users):
-            os.makedirs(os.path.join(os.path.dirname(cells), "users"), exist_ok=True)
-            shutil.copy2(users, run_suite.users_file(os.path.join(cells, name)))
+        copy_users(os.path.join(fetched, name), os.path.join(cells, name))
         shutil.copy2(os.path.join(fetched, name), os.path.join(cells, name))
         print(f"{name}: added")
     subprocess.run([sys.executable, os.path.join(HERE, "run_suite.py"), args.suite, "--summary-only",

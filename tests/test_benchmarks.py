@@ -530,12 +530,15 @@ def test_unpacked_device_cells_join_the_results_without_replacing_any(workdir):
     for model, seed, auc in (("DIN", 1, 0.99), ("DIN", 2, 0.72), ("DIN_REKI", 1, 0.73), ("DIN_REKI", 2, 0.75)):
         (fetched / "cells" / f"{model}-{seed}.json").write_text(json.dumps(cell(model, seed, auc)))
     (fetched / "cells" / "DIN_REKI-3.json.partial").write_text("{")  # a copy the machine cut short
+    harness_users.write_users(str(fetched / "users" / "DIN-2.csv.gz"), {"user": ["7"], "ndcg@10": [0.5]})
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_session.py"), "unpack", str(path),
                            str(fetched), "--results", str(workdir / "results")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DIN-1.json: already in" in done.stdout
     assert json.loads((cells / "DIN-1.json").read_text())["test"]["auc"] == 0.70
     assert sorted(os.listdir(cells)) == ["DIN-1.json", "DIN-2.json", "DIN_REKI-1.json", "DIN_REKI-2.json"]
+    users = workdir / "results" / "suite" / "users" / "DIN-2.csv.gz"
+    assert harness_users.read_users(str(users)) == {"user": ["7"], "ndcg@10": [0.5]}  # the cell's users came with it
     summary = (workdir / "results" / "suite" / "summary.md").read_text()
     assert "| DIN_REKI | 2 | 0.7400 ± 0.0141 |" in summary and "no cell ran in this invocation" in summary
 

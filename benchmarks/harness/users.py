@@ -88,6 +88,17 @@ def write_users(path, users):
         f.write(text.getvalue().encode())
 
 
+def copy_users(cell_from, cell_to):
+    """Copy the users beside the cell file ``cell_from`` to beside ``cell_to``, whole (none: nothing)."""
+    import shutil
+
+    source = users_file(cell_from)
+    if os.path.isfile(source):
+        os.makedirs(os.path.dirname(users_file(cell_to)), exist_ok=True)
+        with written_whole(users_file(cell_to)) as tmp:
+            shutil.copy2(source, tmp)
+
+
 def read_users(path):
     """A users file as {"user": tokens, metric: values}; None where there is none."""
     if not os.path.isfile(path):
