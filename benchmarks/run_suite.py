@@ -29,7 +29,7 @@ sys.path[:0] = [ROOT, HERE]
 from harness.cells import build_cell_store, run_cell  # noqa: E402  (light: no torch, no RecBole until a cell runs)
 from harness.plots import plot_cost, plot_uplift  # noqa: E402
 from harness.reports import n_cells, write_reports  # noqa: E402
-from harness.schema import cell_config, cell_file, cell_settings, entries, load_suite, selected_cells  # noqa: E402
+from harness.schema import cell_config, cell_file, cell_settings, entries, finished_cells, load_suite, read_cell, selected_cells  # noqa: E402
 from harness.staleness import reuse_cell, stale_keys, twin_cell  # noqa: E402
 from harness.statistics import summarize  # noqa: E402
 from harness.users import cell_users, users_file, write_users  # noqa: E402
@@ -110,10 +110,9 @@ def run_cells(suite, folder, todo, jobs=1, stores_only=False):
     pending = []
     by_label = {e["label"]: e for e in entries(suite)}
     for index, (label, seed) in enumerate(todo, 1):
-        done = cell_file(folder, label, seed)
-        if os.path.isfile(done):
-            with open(done) as f:
-                changed = stale_keys(suite, json.load(f))
+        done, recorded = cell_file(folder, label, seed), read_cell(folder, label, seed)
+        if recorded is not None:
+            changed = stale_keys(suite, recorded)
             if not changed:
                 print(f"[{index}/{len(todo)}] {label} seed {seed}: done earlier, skipped", flush=True)
                 continue
@@ -232,9 +231,8 @@ def main():
         return
     if ran:  # read again: rows added to the file while the cells ran (hours) belong in the summary
         suite = read_suite(args.suite)
-    finished = [json.load(open(os.path.join(folder, "cells", f))) for f in sorted(os.listdir(os.path.join(folder, "cells")))]
     cells, stale = [], {}
-    for cell in finished:
+    for cell in finished_cells(folder):
         changed = stale_keys(suite, cell)
         if changed:
             stale[f"{cell['model']}-{cell['seed']}"] = changed

@@ -21,7 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-from harness.schema import cell_config, cell_file, entries, load_suite  # noqa: E402
+from harness.schema import cell_config, entries, load_suite, read_cell  # noqa: E402
+from harness.statistics import normal_half_width  # noqa: E402
 from harness.users import USER, cell_users  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
 
@@ -66,7 +67,7 @@ def by_activity(counts, stock, variant, metric, groups):
         d, b = difference[part], base[part]
         rows.append({"interactions": f"{count[part].min():.0f}-{count[part].max():.0f}", "users": len(part),
                      "stock": b.mean(), "change": d.mean() / b.mean(),
-                     "half": 1.959964 * d.std(ddof=1) / np.sqrt(len(part)) / b.mean()})
+                     "half": normal_half_width(d) / b.mean()})
     return rows
 
 
@@ -81,7 +82,7 @@ def report(suite, folder, labels, groups, metric):
             continue
         stock, variant = {}, {}
         for seed in suite["seeds"]:
-            cells = [finished(folder, name, seed) for name in (entry["stock"], label)]
+            cells = [read_cell(folder, name, seed) for name in (entry["stock"], label)]
             users = [cell_users(folder, cell) if cell else None for cell in cells]
             if all(users) and all(metric in u for u in users):
                 stock[seed], variant[seed] = users
@@ -110,16 +111,6 @@ def report(suite, folder, labels, groups, metric):
 def default_labels(suite):
     """Every row with a stock row to compare with."""
     return [e["label"] for e in entries(suite) if e["stock"]]
-
-
-def finished(folder, label, seed):
-    import json
-
-    path = cell_file(folder, label, seed)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def main():

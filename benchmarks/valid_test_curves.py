@@ -33,7 +33,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from harness.cells import run_cell  # noqa: E402
-from harness.schema import cell_config, cell_file, entries, load_suite, selected_cells  # noqa: E402
+from harness.schema import cell_config, cell_file, entries, finished_cells, load_suite, read_cell, selected_cells  # noqa: E402
 from harness.statistics import users_interval  # noqa: E402
 from harness.users import evaluated_per_user, users_file, write_users  # noqa: E402
 from recbole_llmk.files import written_whole  # noqa: E402
@@ -60,11 +60,9 @@ def run_curve(suite, label, seed, output):
     curve = {"valid_metric": None, "bigger_is_better": True, "points": [], "per_user_test": None}
     cell = run_cell(entry["model"], suite["dataset"], cell_config(suite, entry, seed), label,
                     on_validation=record_test(curve))
-    suite_cell = cell_file(os.path.dirname(os.path.dirname(output)), label, seed)
-    matches = None
-    if os.path.isfile(suite_cell):
-        with open(suite_cell) as f:
-            matches = json.load(f)["test"] == cell["test"]
+    folder = os.path.dirname(os.path.dirname(output))
+    suite_cell, recorded = cell_file(folder, label, seed), read_cell(folder, label, seed)
+    matches = None if recorded is None else recorded["test"] == cell["test"]
     users = cell.get("per_user_test")
     if matches and users and not os.path.isfile(users_file(suite_cell)):
         # the suite's cell, run again to the same result: its test users, for one run before they were recorded
@@ -164,10 +162,7 @@ def cells_report(folder):
     """From the suite's finished cells (no curve needed): each label's validation metric at its
     kept epoch, its test metric and their ratio, means over seeds."""
     by_label = {}
-    cells = os.path.join(folder, "cells")
-    for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
-        with open(os.path.join(cells, name)) as f:
-            cell = json.load(f)
+    for cell in finished_cells(folder):
         shared = [m for m in cell["valid"] if m in cell["test"]]
         if shared:
             by_label.setdefault(cell["model"], []).append((cell["valid"], cell["test"]))

@@ -1,5 +1,6 @@
 """A suite file and its cells: entries, seeds, and the settings each cell runs with."""
 
+import json
 import os
 import yaml
 
@@ -177,3 +178,22 @@ def is_stock(model):
 
 def cell_file(folder, label, seed, kind="cells", suffix=".json"):
     return os.path.join(folder, kind, f"{file_label(label)}-{seed}{suffix}")
+
+
+def read_cell(folder, label, seed):
+    """The finished cell (``label``, ``seed``) of the results ``folder``, or None when it has not run."""
+    path = cell_file(folder, label, seed)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished_cells(folder):
+    """Every finished cell of the results ``folder``, in file-name order."""
+    cells = os.path.join(folder, "cells")
+    found = []
+    for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
+        with open(os.path.join(cells, name)) as f:
+            found.append(json.load(f))
+    return found

@@ -67,7 +67,6 @@ def users_interval(runs, others, metric, users_of, level=0.95):
     difference averaged over the shared seeds. None unless every shared seed's two cells
     recorded the same users (``users_of(cell)``, see ``harness.users``) with ``metric``."""
     import numpy as np
-    from scipy import stats
 
     differences, bases = [], []
     for seed in sorted(set(runs) & set(others)):
@@ -79,9 +78,17 @@ def users_interval(runs, others, metric, users_of, level=0.95):
     if not differences or len(differences[0]) < 2:
         return None
     difference = np.mean(differences, axis=0)
-    half = stats.norm.ppf((1 + level) / 2) * difference.std(ddof=1) / np.sqrt(len(difference))
+    half = normal_half_width(difference, level)
     base = np.mean(bases)
     return (difference.mean() - half) / base, (difference.mean() + half) / base
+
+
+def normal_half_width(values, level=0.95):
+    """Half the width of the normal-approximation ``level`` interval of ``values``' mean."""
+    import numpy as np
+    from scipy import stats
+
+    return stats.norm.ppf((1 + level) / 2) * np.std(values, ddof=1) / np.sqrt(len(values))
 
 
 def compare(row, against, runs, others, metric, users_of=None):
