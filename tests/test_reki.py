@@ -148,3 +148,34 @@ def test_hein_batched_experts_draw_a_dropout_mask_per_expert():
     assert not torch.equal(hein.user(knowledge), hein.user(knowledge))  # masks drawn each call
     hein.eval()
     torch.testing.assert_close(hein.user(knowledge), one_by_one(hein, "user", knowledge))  # none at evaluation
+
+
+def test_hein_in_bfloat16_multiplies_its_first_layers_in_bfloat16_and_trains_float32_parameters():
+    from recbole_llmk.model.layers import HEIN
+
+    torch.manual_seed(0)
+    exact = HEIN(user_dim=64, item_dim=64, output_dim=4, n_shared=2, n_user=1, n_item=1, hidden_sizes=[32, 8])
+    low = HEIN(user_dim=64, item_dim=64, output_dim=4, n_shared=2, n_user=1, n_item=1, hidden_sizes=[32, 8],
+               precision="bfloat16")
+    low.load_state_dict(exact.state_dict())
+    knowledge = torch.randn(50, 64)
+    outputs = []
+    for hein in (exact, low):
+        out = hein.user(knowledge)
+        out.sum().backward()
+        outputs.append(out.detach())
+    assert not torch.equal(outputs[0], outputs[1])  # the bfloat16 products round differently
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0.05, atol=0.02)
+    for (name, p), q in zip(exact.named_parameters(), low.parameters()):
+        assert q.dtype == torch.float32 and (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert q.grad.dtype == torch.float32
+            # bfloat16 keeps ~3 digits, and a rounded pre-activation can cross ReLU's kink: compare norms
+            assert (q.grad - p.grad).norm() < 0.15 * p.grad.norm(), name
+
+
+def test_hein_refuses_an_unknown_precision():
+    from recbole_llmk.model.layers import HEIN
+
+    with pytest.raises(ValueError, match="hein_precision: 'half' is not one of float32, bfloat16"):
+        HEIN(user_dim=8, item_dim=8, output_dim=2, precision="half")

@@ -14,12 +14,16 @@ class HEIN(nn.Module):
     ``output_dim``, giving the two augmented vectors. When the two sides' knowledge differs in
     width (e.g. REKI-C: a user has liked-cluster, disliked-cluster and history knowledge, an item
     cluster and description knowledge), each side is first projected to the narrower width so
-    the shared experts see one space.
+    the shared experts see one space. ``precision`` is the dtype of the experts' first layers and
+    the gates (``float32``, or ``bfloat16``: see ``expert_outputs``).
     """
 
     def __init__(self, user_dim, item_dim, output_dim, n_shared=2, n_user=2, n_item=2, hidden_sizes=(128, 32),
-                 dropout=0.0):
+                 dropout=0.0, precision="float32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"hein_precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+        self.first_layer_dtype = PRECISIONS[precision]
         input_dim = min(user_dim, item_dim)
         self.user_in = nn.Identity() if user_dim == input_dim else nn.Linear(user_dim, input_dim)
         self.item_in = nn.Identity() if item_dim == input_dim else nn.Linear(item_dim, input_dim)
@@ -40,11 +44,11 @@ class HEIN(nn.Module):
     def from_config(cls, user_dim, item_dim, output_dim, config):
         """HEIN sized by the run's ``hein_*`` settings."""
         return cls(user_dim, item_dim, output_dim, config["hein_n_shared"], config["hein_n_user"], config["hein_n_item"],
-                   config["hein_hidden_sizes"], config["hein_dropout"])
+                   config["hein_hidden_sizes"], config["hein_dropout"], config["hein_precision"])
 
     def _side(self, x, project, experts, gate, out):
         x = project(x)
-        outputs, logits = expert_outputs(x, (*self.shared, *experts), gate)  # [E, B, h], [B, E]
+        outputs, logits = expert_outputs(x, (*self.shared, *experts), gate, self.first_layer_dtype)  # [E, B, h], [B, E]
         return out(torch.einsum("be,ebh->bh", torch.softmax(logits, dim=-1), outputs))
 
     def user(self, knowledge):
@@ -57,7 +61,11 @@ class HEIN(nn.Module):
         return self.user(user_knowledge), self.item(item_knowledge)
 
 
-def expert_outputs(x, experts, gate):
+# HEIN's first-layer dtypes (hein_precision): None computes in the parameters' own dtype.
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def expert_outputs(x, experts, gate, dtype=None):
     """Every expert MLP of one HEIN side on ``x``, and the side's gate logits, as batched ops:
     -> ``([E, B, h], [B, E])``.
 
@@ -66,7 +74,11 @@ def expert_outputs(x, experts, gate):
     the first layers of all experts and the gate are one matrix product over ``x`` (they read the
     same input), each later layer one batched product. Equal to running the experts one by one
     (tests/test_reki.py checks outputs and gradients), with a few operations per layer instead of
-    one per expert; the arithmetic is the same (what that costs: docs/performance.md)."""
+    one per expert; the arithmetic is the same (what that costs: docs/performance.md).
+
+    With ``dtype`` (bfloat16) the first layers and the gate, most of HEIN's arithmetic when the
+    knowledge is wide (384 in, 128 out per expert), multiply in that dtype, forward and backward:
+    the parameters and their gradients stay float32 (casts), and so does everything after them."""
     layers = [[m for m in e.mlp_layers if isinstance(m, nn.Linear)] for e in experts]
     dropout = experts[0].dropout
     first = [expert[0] for expert in layers]
@@ -74,12 +86,13 @@ def expert_outputs(x, experts, gate):
     if dropout and experts[0].training:  # a mask of its own per expert, as one by one
         xs = F.dropout(x.unsqueeze(0).expand(n, *x.shape), dropout, True)
         weight = torch.stack([layer.weight for layer in first])
-        hidden = torch.baddbmm(torch.stack([layer.bias for layer in first]).unsqueeze(1), xs, weight.transpose(1, 2))
-        logits = gate(x)
+        bias = torch.stack([layer.bias for layer in first]).unsqueeze(1)
+        hidden = torch.baddbmm(cast(bias, dtype), cast(xs, dtype), cast(weight, dtype).transpose(1, 2)).to(x.dtype)
+        logits = F.linear(cast(x, dtype), cast(gate.weight, dtype), cast(gate.bias, dtype)).to(x.dtype)
     else:
         weight = torch.cat([*(layer.weight for layer in first), gate.weight])
         bias = torch.cat([*(layer.bias for layer in first), gate.bias])
-        both = F.linear(x, weight, bias)
+        both = F.linear(cast(x, dtype), cast(weight, dtype), cast(bias, dtype)).to(x.dtype)
         hidden = both[:, :n * width].view(len(x), n, width).transpose(0, 1)
         logits = both[:, n * width:]
     hidden = torch.relu(hidden)
@@ -90,6 +103,11 @@ def expert_outputs(x, experts, gate):
         bias = torch.stack([expert[depth].bias for expert in layers])
         hidden = torch.relu(torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2)))
     return hidden, logits
+
+
+def cast(tensor, dtype):
+    """``tensor`` in ``dtype`` (None: as it is); the gradient flows back in the tensor's own dtype."""
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 class HEINSide(nn.Module):
