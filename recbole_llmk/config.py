@@ -55,12 +55,13 @@ def choices():
     """Settings that name one of a fixed set of things, and that set (``None``: may be left empty)."""
     from recbole_llmk.distributed import BACKENDS
     from recbole_llmk.knowledge.controls import CONTROLS
-    from recbole_llmk.model.layers import FUSIONS
+    from recbole_llmk.model.layers import FUSIONS, PRECISIONS
     from recbole_llmk.techniques.reland import RETRIEVALS
 
     return {"knowledge_control": (None, *CONTROLS), "reland_user_fusion": tuple(FUSIONS),
             "reland_item_fusion": tuple(FUSIONS), "hein_fusion": tuple(FUSIONS), "reland_retrieval": RETRIEVALS,
-            "distributed_backend": (None, *BACKENDS), "knowledge_vector_dtype": ("float32", "float16")}
+            "distributed_backend": (None, *BACKENDS), "knowledge_vector_dtype": ("float32", "float16"),
+            "hein_precision": tuple(PRECISIONS)}
 
 
 def check_choices(settings):

@@ -174,8 +174,26 @@ def test_hein_in_bfloat16_multiplies_its_first_layers_in_bfloat16_and_trains_flo
             assert (q.grad - p.grad).norm() < 0.15 * p.grad.norm(), name
 
 
-def test_hein_refuses_an_unknown_precision():
+def test_hein_refuses_an_unknown_precision(tiny_config):
     from recbole_llmk.model.layers import HEIN
 
     with pytest.raises(ValueError, match="hein_precision: 'half' is not one of float32, bfloat16"):
         HEIN(user_dim=8, item_dim=8, output_dim=2, precision="half")
+    # and the run's config refuses it before any knowledge is built
+    with pytest.raises(ValueError, match="hein_precision: 'half' is not one of float32 [|] bfloat16"):
+        prepare("DeepFM_REKI", "tiny", config_dict=dict(tiny_config, hein_precision="half"))
+
+
+def test_hein_in_bfloat16_with_dropout_trains_float32_parameters():
+    from recbole_llmk.model.layers import HEIN
+
+    torch.manual_seed(0)
+    hein = HEIN(user_dim=16, item_dim=16, output_dim=3, n_shared=1, n_user=1, n_item=1, hidden_sizes=[8],
+                dropout=0.5, precision="bfloat16")
+    hein.train()
+    out = hein.item(torch.randn(32, 16))
+    out.sum().backward()
+    assert out.dtype == torch.float32
+    first = hein.item_experts[0].mlp_layers[1].weight
+    assert first.grad.dtype == torch.float32 and first.grad.abs().sum() > 0
+    assert hein.item_gate.weight.grad.dtype == torch.float32 and hein.item_gate.weight.grad.abs().sum() > 0
